@@ -1,0 +1,54 @@
+"""The ``lungnode`` command: argument parsing and dispatch to each area's subcommands.
+
+Each area registers its subcommands in its own module through a ``register(subparsers)``
+function listed in :data:`COMMAND_MODULES`; this file only assembles them. Every command reads the
+configuration once (``--config`` or ``$LUNGNODE_CONFIG`` or the embedded defaults); a bad file
+prints the key, value and expectation and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lungnode import __version__
+from lungnode.config import Config, ConfigError, load_config
+
+#: Modules that contribute subcommands, each with ``register(subparsers) -> None``. A registered
+#: parser sets ``func(args, config) -> int`` with ``set_defaults``.
+COMMAND_MODULES: tuple[str, ...] = (
+    "lungnode.commands.basic",
+)
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full argument parser."""
+    parser = argparse.ArgumentParser(prog="lungnode", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="config file (default: $LUNGNODE_CONFIG, else embedded defaults)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lungnode`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config: Config = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"lungnode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    result: int = args.func(args, config)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``lungnode`` command, one module per area."""

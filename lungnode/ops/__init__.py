@@ -1,0 +1,1 @@
+"""Operations: metrics, health, retention and the audit trail."""

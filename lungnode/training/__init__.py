@@ -1,0 +1,1 @@
+"""Training: datasets, phantoms, the training loop, evaluation and export of model bundles."""

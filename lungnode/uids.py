@@ -1,0 +1,41 @@
+"""DICOM UID grammar (PS3.5 §9.1), checked before any UID becomes part of a path or a row.
+
+A UID is 1-64 characters of digit groups separated by single dots; a group is ``0`` or starts with a
+non-zero digit. Nothing else (no spaces, no trailing NUL, no path separators) is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+class InvalidUIDError(ValueError):
+    """A value that should be a UID is empty or breaks the grammar."""
+
+    def __init__(self, attribute: str, value: object) -> None:
+        self.attribute = attribute
+        self.value = value
+        shown = repr(value)[:80]
+        super().__init__(f"{attribute} is {'empty' if not value else 'not a valid DICOM UID: ' + shown}")
+
+
+def is_valid_uid(value: object) -> bool:
+    """Return whether ``value`` is a string following the DICOM UID grammar."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def require_uid(attribute: str, value: object) -> str:
+    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUIDError`.
+
+    Parameters
+    ----------
+    attribute:
+        The attribute's keyword, used in the message (e.g. ``SeriesInstanceUID``).
+    value:
+        The value read from the dataset.
+    """
+    if not is_valid_uid(value):
+        raise InvalidUIDError(attribute, value)
+    return str(value)

@@ -1,0 +1,55 @@
+"""Configuration: the shipped config.toml, defaults, and clear errors for bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lungnode.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_toml_is_valid_and_equals_defaults() -> None:
+    shipped = load_config(REPO / "config.toml")
+    defaults = load_config(None)
+    assert shipped.node == defaults.node
+    assert shipped.storage == defaults.storage
+    assert shipped.rules == defaults.rules
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("[node]\nport = 70000\n", "node.port", "a number in"),
+        ("[node]\nport = 'x'\n", "node.port", "an integer"),
+        ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title", "AE title"),
+        ("[node]\nbogus = 1\n", "node.bogus", "a known key"),
+        ("[[node.peers]]\nae_title = 'PACS'\nhost = 'not-an-ip'\n", "node.peers[0].host", "CIDR"),
+        ("[storage]\ndatabase_url = 'mysql://x'\n", "storage.database_url", "postgresql"),
+        ("[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = 'h'\nobjects = ['pdf']\n",
+         "destinations[0].objects", "'seg'"),
+        ("[[rules]]\nname = 'r'\naction = 'maybe'\n", "rules[0].action", "'include'"),
+        ("[[destinations]]\nae_title = 'X'\nhost = 'h'\n", "destinations[0].name", "required"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(text: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.key == key
+    assert expected in str(info.value)
+
+
+def test_check_config_command_exits_2_on_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nport = 0\n")
+    proc = subprocess.run([sys.executable, "-m", "lungnode.cli", "--config", str(bad), "check-config"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "node.port = 0" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "lungnode.cli", "--config", str(REPO / "config.toml"),
+                         "check-config"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
