@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, delete, event, insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -87,7 +87,7 @@ class Database:
         with self.engine.connect() as conn:
             trans = conn.begin()
             try:
-                conn.execute(HealthProbe.__table__.delete())
-                conn.execute(HealthProbe.__table__.insert().values(id=1, at=utcnow()))
+                conn.execute(delete(HealthProbe))
+                conn.execute(insert(HealthProbe).values(id=1, at=utcnow()))
             finally:
                 trans.rollback()
