@@ -55,6 +55,9 @@ case "$cmd" in
     ;;
   test)
     apt_install "${RUN_APT[@]}" "${TEST_APT[@]}"
+    # The viewer test fetches the prebuilt OHIF viewer with `npm pack` (Debian's npm, unless a
+    # Node.js distribution that bundles npm is already there).
+    command -v npm >/dev/null || apt_install npm
     venv_install dev
     set +e
     "$VENV/bin/python" -m pytest "$@"

@@ -20,6 +20,11 @@ from lungnode.config import Config, ConfigError, load_config
 #: parser sets ``func(args, config) -> int`` with ``set_defaults``.
 COMMAND_MODULES: tuple[str, ...] = (
     "lungnode.commands.basic",
+    "lungnode.commands.training",
+    "lungnode.commands.node",
+    "lungnode.commands.ops",
+    "lungnode.commands.dispatch",
+    "lungnode.commands.results",
 )
 
 EXIT_CONFIG = 2

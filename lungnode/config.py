@@ -207,8 +207,11 @@ class CompletionConfig:
     grace_s: float = 3.0
     #: Relative tolerance of slice spacing regularity (0.1 = 10 % of the median step).
     spacing_tolerance: float = 0.1
+    #: Seconds between the completion service's checks for due series and ended associations.
+    poll_s: float = 0.25
 
     def validate(self, key: str) -> None:
+        _check_range(f"{key}.poll_s", self.poll_s, 0.02, 10)
         _check_range(f"{key}.quiet_period_s", self.quiet_period_s, 0.1, 86400)
         _check_range(f"{key}.grace_s", self.grace_s, 0.0, self.quiet_period_s)
         _check_range(f"{key}.spacing_tolerance", self.spacing_tolerance, 0.0, 1.0)
@@ -226,6 +229,8 @@ class RuleConfig:
     #: ``include`` (dispatch) or ``exclude`` (store only).
     action: str = "include"
     modality: tuple[str, ...] = ()
+    #: Modalities the series must NOT have (an empty Modality counts as not listed).
+    modality_not: tuple[str, ...] = ()
     sop_class_uid: tuple[str, ...] = ()
     #: ImageType values of which at least one must be present.
     image_type_any: tuple[str, ...] = ()
@@ -257,18 +262,31 @@ class RuleConfig:
                                   f"a valid regular expression ({exc})") from None
 
 
+#: SOP classes of single-frame CT slices the pipeline reads (CT Image Storage).
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
 def _default_rules() -> tuple[RuleConfig, ...]:
+    # Chest CT defaults; the numbers and their reasons are documented in config.toml.
     return (
-        RuleConfig(name="not-ct", action="exclude", modality=("SR", "SEG", "PR", "KO", "OT", "DOC")),
+        RuleConfig(name="not-ct", action="exclude", modality_not=("CT",)),
+        RuleConfig(name="not-ct-image", action="exclude", sop_class_uid=(
+            "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+            "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",
+            "1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.66")),
         RuleConfig(name="localizer", action="exclude", image_type_any=("LOCALIZER",)),
-        RuleConfig(name="derived", action="exclude", image_type_any=("DERIVED", "SECONDARY", "MPR",
-                                                                     "REFORMATTED", "PROJECTION")),
+        RuleConfig(name="derived", action="exclude", image_type_any=(
+            "DERIVED", "SECONDARY", "MPR", "REFORMATTED", "PROJECTION", "MIP", "MINIP", "VOLUME")),
         RuleConfig(name="scout-or-dose", action="exclude",
-                   description_regex=r"scout|topogram|surview|scanogram|localizer|dose|patient protocol"),
+                   description_regex=r"scout|topogram|surview|scanogram|localizer|\bdose\b|"
+                                     r"patient protocol|\bmip\b|\bminip\b|\bvrt?\b|\bmpr\b"),
+        RuleConfig(name="other-body-part", action="exclude", body_part=(
+            "HEAD", "BRAIN", "NECK", "PELVIS", "HIP", "KNEE", "LEG", "ANKLE", "FOOT", "HAND", "WRIST",
+            "ELBOW", "ARM", "SHOULDER", "EXTREMITY", "CSPINE", "LSPINE", "PANCREAS", "LIVER", "KIDNEY")),
         RuleConfig(name="thick-slices", action="exclude", slice_thickness_min=10.01),
         RuleConfig(name="too-few-slices", action="exclude", slices_max=19),
-        RuleConfig(name="chest-ct", action="include", modality=("CT",), axial_within_deg=5.0,
-                   spacing_max=10.0),
+        RuleConfig(name="chest-ct", action="include", modality=("CT",), sop_class_uid=(CT_IMAGE_STORAGE,),
+                   axial_within_deg=5.0, spacing_max=10.0),
     )
 
 
@@ -288,8 +306,17 @@ class JobsConfig:
     local_workers: int = 1
     #: Seconds an idle worker sleeps between polls of the job table.
     poll_s: float = 1.0
+    #: What a worker runs for a claimed job: ``module:function(job_pk, ctx) -> JobOutcome``.
+    processor: str = "lungnode.node.pipeline:process_job"
+    #: Builds the inference engine once per worker process on first use: ``module:function(config)``.
+    engine_factory: str = "lungnode.node.pipeline:engine_from_config"
 
     def validate(self, key: str) -> None:
+        for name in ("processor", "engine_factory"):
+            if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", getattr(self, name)):
+                raise ConfigError(f"{key}.{name}", getattr(self, name), "a 'package.module:function' path")
+        for i, delay in enumerate(self.retry_delays_s):
+            _check_range(f"{key}.retry_delays_s[{i}]", delay, 0.0, 7 * 86400)
         _check_range(f"{key}.max_attempts", self.max_attempts, 1, 100)
         _check_range(f"{key}.lease_s", self.lease_s, 5, 86400)
         _check_range(f"{key}.heartbeat_s", self.heartbeat_s, 1, self.lease_s / 2)
@@ -307,7 +334,7 @@ class InferenceConfig:
     device: str = "auto"
     #: Sliding-window overlap (0-0.9).
     overlap: float = 0.25
-    #: Mirror test-time augmentation (slower, slightly smoother).
+    #: Left-right mirror test-time augmentation (2 passes: slower, slightly smoother).
     mirror_tta: bool = False
     #: CPU threads for torch; 0 = the cores available.
     threads: int = 0
@@ -379,6 +406,8 @@ class DestinationConfig:
     max_frames_per_seg: int = 0
     #: Our calling AE title on this association.
     calling_ae_title: str = "LUNGNODE"
+    #: DICOM TLS to this peer: on when ``ca`` (peer certificate checked against it, host name =
+    #: ``host``) or ``cert``/``key`` (our client certificate) are set.
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def validate(self, key: str) -> None:
@@ -396,7 +425,7 @@ class DestinationConfig:
             raise ConfigError(f"{key}.seg_transfer_syntax", self.seg_transfer_syntax,
                               "'explicit' or 'jpeg2000'")
         _check_range(f"{key}.max_frames_per_seg", self.max_frames_per_seg, 0)
-        if self.tls.cert or self.tls.key:
+        if self.tls.cert or self.tls.key or self.tls.ca:
             self.tls.validate(f"{key}.tls")
 
 
@@ -408,23 +437,45 @@ class DeliveryConfig:
     retry_delays_s: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0)
     #: Seconds to wait for the peer's association and DIMSE answers.
     timeout_s: float = 60.0
+    #: Seconds a sender's claim on a delivery lasts; renewed after every acknowledged instance.
+    lease_s: float = 300.0
+    #: Seconds the idle delivery service sleeps between looks for due deliveries.
+    poll_s: float = 1.0
 
     def validate(self, key: str) -> None:
         for i, delay in enumerate(self.retry_delays_s):
             _check_range(f"{key}.retry_delays_s[{i}]", delay, 0.0, 7 * 86400)
         _check_range(f"{key}.timeout_s", self.timeout_s, 1, 3600)
+        _check_range(f"{key}.lease_s", self.lease_s, 5, 86400)
+        _check_range(f"{key}.poll_s", self.poll_s, 0.05, 60)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics and ``/healthz``."""
 
+    #: Serve ``/metrics`` and ``/healthz`` over HTTP.
     enabled: bool = True
+    #: Address of the HTTP endpoint (loopback by default; it has no authentication).
     bind: str = "127.0.0.1"
+    #: TCP port of the HTTP endpoint.
     port: int = 9110
+    #: Local folder where processes share metric files; empty: ``$PROMETHEUS_MULTIPROC_DIR``, else
+    #: ``$RUNTIME_DIRECTORY/metrics`` (systemd), else ``<storage.root>/.metrics``. Never on NFS.
+    multiprocess_dir: str = ""
+    #: A local worker whose last poll of the job table is older than this (s) counts as dead.
+    worker_stale_s: float = 60.0
+    #: ``/healthz`` fails when a due job waited this long (s) and no job started or finished meanwhile.
+    queue_stall_s: float = 900.0
 
     def validate(self, key: str) -> None:
+        try:
+            ipaddress.ip_address(self.bind)
+        except ValueError:
+            raise ConfigError(f"{key}.bind", self.bind, "an IP address") from None
         _check_range(f"{key}.port", self.port, 1, 65535)
+        _check_range(f"{key}.worker_stale_s", self.worker_stale_s, 1, 86400)
+        _check_range(f"{key}.queue_stall_s", self.queue_stall_s, 1, 7 * 86400)
 
 
 @dataclass(frozen=True)
@@ -437,6 +488,8 @@ class RetentionConfig:
     free_disk_target_mb: int = 0
     #: Hours between cleanup runs.
     interval_h: float = 6.0
+    #: Run the scheduled cleanup inside ``lungnode run`` (``lungnode cleanup`` works either way).
+    scheduled: bool = True
 
     def validate(self, key: str) -> None:
         _check_range(f"{key}.keep_days", self.keep_days, 0)

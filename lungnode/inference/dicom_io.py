@@ -25,11 +25,11 @@ from lungnode.inference.geometry import GeometryPolicy, GeometryReport, check_sl
 from lungnode.inference.types import SeriesVolume
 
 __all__ = [
-    "SeriesError",
     "FrameHeader",
-    "read_series",
-    "frame_headers",
+    "SeriesError",
     "find_series_files",
+    "frame_headers",
+    "read_series",
 ]
 
 CT_SOP_CLASSES = {
@@ -72,14 +72,13 @@ def _seq_item(ds: Dataset, seq: str, attr: str) -> Any:
 
 def _functional(ds: Dataset, frame_idx: int, seq: str, attr: str) -> Any:
     """Attribute from per-frame functional groups, then shared groups, then the top level."""
-    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-        if groups in ds:
-            items = ds[groups].value
-            item = items[frame_idx] if groups.startswith("PerFrame") else items[0]
-            if frame_idx < len(items) or groups.startswith("Shared"):
-                value = _seq_item(item, seq, attr)
-                if value is not None:
-                    return value
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame_idx),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        items = ds[groups].value if groups in ds else []
+        if index < len(items):
+            value = _seq_item(items[index], seq, attr)
+            if value is not None:
+                return value
     return ds.get(attr)
 
 
@@ -191,7 +190,7 @@ def read_series(
     datasets: list[Dataset] = []
     for p in paths:
         try:
-            ds = pydicom.dcmread(p, defer_size="1 KB")
+            ds: Dataset = pydicom.dcmread(p, defer_size="1 KB")
         except Exception as exc:  # pydicom raises many types for broken files
             raise SeriesError(f"{p.name}: not a readable DICOM file ({exc})") from exc
         _check_ct(p, ds, require_uids)
@@ -201,7 +200,7 @@ def read_series(
         raise SeriesError(f"files belong to {len(series_uids)} different series")
 
     headers: list[FrameHeader] = []
-    for p, ds in zip(paths, datasets):
+    for p, ds in zip(paths, datasets, strict=True):
         headers.extend(frame_headers(p, ds))
     report = check_slice_geometry(
         [h.position for h in headers],

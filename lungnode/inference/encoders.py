@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["R3DEncoder", "Med3DEncoder", "build_encoder", "ENCODER_KINDS"]
+__all__ = ["ENCODER_KINDS", "Med3DEncoder", "R3DEncoder", "build_encoder"]
 
 ENCODER_KINDS = ("r3d_18", "med3d_resnet10", "med3d_resnet18")
 Stride = tuple[int, int, int]
@@ -93,7 +93,7 @@ class R3DEncoder(nn.Module):
             inplanes = widths[i]
         self.channels: list[int] = [widths[i] for i in range(depth)]
         cum = [(1, 2, 2), (2, 4, 4), (4, 8, 8), (8, 16, 16)]
-        self.strides: list[Stride] = [cum[i] for i in range(depth)]  # type: ignore[misc]
+        self.strides: list[Stride] = [cum[i] for i in range(depth)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features after each kept stage (layer1 ... layerN), finest first."""
@@ -196,7 +196,7 @@ class Med3DEncoder(nn.Module):
         # conv1 output (stride 2) is used as the finest skip
         self.channels: list[int] = [64] + [widths[i] for i in range(depth)]
         cum = [(2, 2, 2), (4, 4, 4), (8, 8, 8), (8, 8, 8), (8, 8, 8)]
-        self.strides: list[Stride] = [cum[i] for i in range(depth + 1)]  # type: ignore[misc]
+        self.strides: list[Stride] = [cum[i] for i in range(depth + 1)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features: stem output, then each kept stage, finest first."""

@@ -22,7 +22,7 @@ Patient name and ID are stored (they are needed to answer the PACS) but never lo
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -48,7 +48,7 @@ def utcnow() -> dt.datetime:
 class Base(DeclarativeBase):
     """Declarative base of every lungnode table."""
 
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 UID = String(64)
@@ -244,7 +244,8 @@ class Output(Base):
 class Delivery(Base):
     """Sending one job's results to one destination, exactly once.
 
-    States: ``pending`` → ``sent`` | ``dead`` (retries exhausted).
+    States: ``pending`` → ``sent`` | ``dead`` (retries exhausted) | ``cancelled`` (the job was
+    superseded before this delivery was sent).
     """
 
     __tablename__ = "deliveries"

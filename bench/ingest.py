@@ -1,0 +1,260 @@
+"""Ingest benchmark: DCMTK ``storescu`` → lungnode, DCMTK ``storescp`` and Orthanc, side by side.
+
+A 400-slice 512×512 CT series (the real 30-slice chest series from ``../shared/data`` cycled to 400
+slices with new UIDs and positions; uncompressed, ~0.5 MB a slice) is sent by ``storescu`` over 1
+association and over 4 parallel associations (100 slices each) into, in turn:
+
+* lungnode (``lungnode run``, fsync on, SQLite; ``node.listener_processes`` = 1 and the values
+  given with ``--listener-processes`` for the 4-association case),
+* DCMTK ``storescp`` (1 association) and ``storescp --fork`` (4), which do not fsync,
+* Orthanc (its default SyncStorageArea = fsync; SQLite index), with a config this script writes.
+
+Every DCMTK tool and Orthanc run with ``TCP_NODELAY=1``. Each case runs ``--runs`` times (fresh
+storage each time) and the median is reported: instances/s, MB/s, and the ratios lungnode/storescp
+and lungnode/Orthanc; also lungnode's peak memory (RSS of the node and its listener processes)
+while ingesting and the load average before and after.
+
+Usage::
+
+    .venv/bin/python bench/ingest.py [--runs 3] [--slices 400] [--listener-processes 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.node_process import LungnodeProcess  # noqa: E402
+
+SHARED = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(port)
+
+
+def make_series(folder: Path, slices: int) -> list[Path]:
+    """The chest series cycled to ``slices`` slices (new UIDs, positions 1 mm apart)."""
+    files = sorted(folder.glob("*.dcm"))
+    if len(files) == slices:
+        return files
+    folder.mkdir(parents=True, exist_ok=True)
+    chest = SHARED / "ct" / "chest-30-slices-uncompressed"
+    sources = [pydicom.dcmread(p) for p in sorted(chest.glob("*.dcm"))]
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(slices):
+        ds = sources[i % len(sources)]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, -float(i)]
+        ds.InstanceNumber = i + 1
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def send(port: int, aec: str, parts: Sequence[Sequence[Path]]) -> float:
+    """Run one storescu per part in parallel; return the wall time (all must succeed)."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port),
+                               *map(str, part)], env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for part in parts]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - start
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def tree_rss(pid: int) -> int:
+    """RSS in bytes of a process and its descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class Sampler:
+    """Peak RSS of a process tree, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int) -> tuple[float, int]:
+    node = LungnodeProcess(work / f"lungnode-{time.monotonic_ns()}", {
+        "node": {"listener_processes": processes, "max_associations": 16,
+                 "peers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}]},
+        "completion": {"quiet_period_s": 3600.0}, "storage": {"fsync": True}})
+    node.start(timeout=120)
+    try:
+        assert node.proc is not None
+        with Sampler(node.proc.pid) as sampler:
+            elapsed = send(node.port, "LUNGNODE", parts)
+        stored = node.status()["instances"]
+        if stored != sum(len(p) for p in parts):
+            raise RuntimeError(f"lungnode stored {stored} instances")
+        return elapsed, sampler.peak
+    finally:
+        node.stop()
+        shutil.rmtree(node.workdir, ignore_errors=True)
+
+
+def run_storescp(work: Path, parts: Sequence[Sequence[Path]], fork: bool) -> float:
+    out = work / f"storescp-{time.monotonic_ns()}"
+    out.mkdir()
+    port = free_port()
+    args = ["storescp", "-aet", "STORESCP", "-od", str(out), *(["--fork"] if fork else []), str(port)]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        elapsed = send(port, "STORESCP", parts)
+        stored = sum(1 for _ in out.iterdir())
+        if stored != sum(len(p) for p in parts):
+            raise RuntimeError(f"storescp stored {stored}")
+        return elapsed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_orthanc(work: Path, parts: Sequence[Sequence[Path]]) -> float:
+    folder = work / f"orthanc-{time.monotonic_ns()}"
+    folder.mkdir()
+    port = free_port()
+    config = {"Name": "bench", "StorageDirectory": str(folder / "storage"),
+              "IndexDirectory": str(folder / "index"), "DicomAet": "ORTHANC", "DicomPort": port,
+              "HttpServerEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+              "StorageCompression": False, "Plugins": [], "DicomServerEnabled": True}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(port, "ORTHANC", parts)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def median_of(runs: int, fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(runs))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=400)
+    parser.add_argument("--listener-processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lungnode-bench-series")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["storescp", "orthanc"])
+    args = parser.parse_args(argv)
+
+    files = make_series(args.cache / str(args.slices), args.slices)
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    one = [files]
+    four = [files[i::4] for i in range(4)]
+    work = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
+    print(f"series: {len(files)} slices, {mb:.0f} MB; load average before: {os.getloadavg()}")
+    results: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+
+    def lungnode_case(parts: list[list[Path]], procs: int, key: str) -> None:
+        times = []
+        peak = 0
+        for _ in range(args.runs):
+            elapsed, rss = run_lungnode(work, parts, procs)
+            times.append(elapsed)
+            peak = max(peak, rss)
+        results[key], peaks[key] = statistics.median(times), peak
+
+    try:
+        lungnode_case(one, 1, "lungnode x1")
+        for procs in args.listener_processes:
+            lungnode_case(four, procs, f"lungnode x4 (listener_processes={procs})")
+        if "storescp" not in args.skip:
+            results["storescp x1"] = median_of(args.runs, lambda: run_storescp(work, one, False))
+            results["storescp --fork x4"] = median_of(args.runs, lambda: run_storescp(work, four, True))
+        if "orthanc" not in args.skip:
+            results["orthanc x1"] = median_of(args.runs, lambda: run_orthanc(work, one))
+            results["orthanc x4"] = median_of(args.runs, lambda: run_orthanc(work, four))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    n = len(files)
+    print(f"{'receiver':44} {'inst/s':>8} {'MB/s':>8} {'peak RSS MB':>12}")
+    for key, elapsed in results.items():
+        rss = f"{peaks[key] / 1e6:.0f}" if key in peaks else ""
+        print(f"{key:44} {n / elapsed:8.1f} {mb / elapsed:8.1f} {rss:>12}")
+    rate = {k: n / v for k, v in results.items()}
+    best4 = max((v for k, v in rate.items() if k.startswith("lungnode x4")), default=0.0)
+    if "orthanc x1" in rate:
+        print(f"lungnode/Orthanc: 1 association {rate['lungnode x1'] / rate['orthanc x1']:.2f}x "
+              f"(goal >= 1.0), 4 associations {best4 / rate['orthanc x4']:.2f}x (goal >= 1.2)")
+    if "storescp x1" in rate:
+        print(f"lungnode/storescp: 1 association {rate['lungnode x1'] / rate['storescp x1']:.2f}x, "
+              f"4 associations {best4 / rate['storescp --fork x4']:.2f}x (goal >= 0.5 vs --fork)")
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Lung mask without model weights: threshold, components, airway removal, hole filling, L/R split.
+
+This module owns the classical lung segmentation used as the denominator of the percentages when
+the model has no lung class, and the left/right split (also applied to a model's plain ``lung``
+class). Steps (on a work grid of at least ``work_spacing_mm`` = 2.5 x 1.3 x 1.3 mm, made with the same
+resampling as the model input; a 300-slice 512^2 series becomes about 95 x 255 x 255; the labels are
+mapped back to the source grid by nearest neighbour):
+
+1. air = HU < ``air_hu`` (-400);
+2. outside air = 2D components of air touching the image border in each slice (removed);
+3. 3D components of the remaining air: the largest is kept, and the second too when it holds at
+   least ``second_lung_fraction`` of the first (two lungs not joined through the airways);
+4. trachea and main bronchi: per slice, 2D components smaller than ``airway_max_area_mm2``
+   (600 mm^2) whose median HU is below ``airway_median_hu`` (-950; lumen air, while lung
+   parenchyma is about -850) are removed, then step 3 is repeated;
+5. left/right: two separate components are assigned by the patient-space x of their centroid
+   (DICOM LPS: patient right is -x, whatever the array orientation); a single component is cut at
+   the patient-x plane with the fewest lung voxels in the central 30-70 % of its extent;
+6. holes: per lung and slice, a morphological closing of radius ``closing_mm`` (10 mm) and hole
+   filling, so dense consolidation and vessels enclosed by the lung count as lung.
+
+Limitations: consolidation touching the chest wall deeper than the closing radius is not
+recovered; a lung that is entirely consolidated in a slice is lost in that slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+
+from lungnode.inference.predict import labels_to_source, model_grid, resample_to_model_grid
+from lungnode.inference.types import LUNG_LEFT, LUNG_RIGHT, SeriesVolume
+
+__all__ = ["LungMaskOptions", "patient_x_of_voxels", "split_left_right", "threshold_lung_mask"]
+
+
+@dataclass(frozen=True)
+class LungMaskOptions:
+    """Thresholds of :func:`threshold_lung_mask` (see module docstring)."""
+
+    air_hu: float = -400.0
+    airway_max_area_mm2: float = 600.0
+    airway_median_hu: float = -950.0
+    second_lung_fraction: float = 0.1
+    min_lung_ml: float = 5.0
+    closing_mm: float = 10.0
+    work_spacing_mm: tuple[float, float, float] = (2.5, 1.3, 1.3)
+
+
+def _keep_lungs(mask: npt.NDArray[np.bool_], min_vox: int, frac: float) -> npt.NDArray[np.int32]:
+    """Label image holding the largest component and a sizeable second one (labels 1, 2)."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(mask.shape, np.int32)
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.argsort(sizes)[::-1]
+    keep = [order[0]] if sizes[order[0]] >= min_vox else []
+    if len(order) > 1 and keep and sizes[order[1]] >= max(min_vox, frac * sizes[order[0]]):
+        keep.append(order[1])
+    lut = np.zeros(n + 1, np.int32)
+    for i, c in enumerate(keep):
+        lut[c + 1] = i + 1
+    return lut[lab]
+
+
+def patient_x_of_voxels(
+    volume: SeriesVolume, idx: tuple[npt.NDArray[np.int64], ...], factor: int = 1
+) -> npt.NDArray[np.float64]:
+    """Patient-space x (mm, LPS: +x = patient left) of voxels given by array indices.
+
+    Parameters
+    ----------
+    volume:
+        Source geometry.
+    idx:
+        ``(k, r, c)`` index arrays (on a grid reduced in-plane by ``factor``).
+    factor:
+        In-plane reduction of the grid the indices refer to (block centres are used).
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    k, r, c = idx
+    _, dr, dc = volume.spacing_mm
+    d = volume.direction
+    z = volume.slice_positions()[k]
+    rr = r * factor + (factor - 1) / 2.0
+    cc = c * factor + (factor - 1) / 2.0
+    return volume.origin_mm[0] + cc * dc * d[0][0] + rr * dr * d[0][1] + z * d[0][2]
+
+
+def split_left_right(
+    lung: npt.NDArray[np.bool_], volume: SeriesVolume, factor: int = 1,
+    components: npt.NDArray[np.int32] | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Label a lung mask 1 (right lung) / 2 (left lung) by patient-space x.
+
+    Parameters
+    ----------
+    lung:
+        Boolean lung mask.
+    volume:
+        Geometry of the source series.
+    factor:
+        In-plane reduction of ``lung`` relative to the source grid.
+    components:
+        Optional labels (1, 2) of two separate lungs; computed when omitted.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` labels (0, 1, 2).
+    """
+    out = np.zeros(lung.shape, np.uint8)
+    if not lung.any():
+        return out
+    if components is None:
+        vox = max(1, int(lung.sum() * 0.001))
+        components = _keep_lungs(lung, vox, 0.1)
+    if components.max() >= 2:
+        cx = []
+        for lab in (1, 2):
+            idx = np.nonzero(components == lab)
+            cx.append(float(patient_x_of_voxels(volume, idx, factor).mean()))
+        right = 1 if cx[0] < cx[1] else 2
+        out[components == right] = LUNG_RIGHT
+        out[components == 3 - right] = LUNG_LEFT
+        # voxels of the mask outside both components: nearest side by x
+        rest = lung & (components == 0)
+        if rest.any():
+            idx = np.nonzero(rest)
+            x = patient_x_of_voxels(volume, idx, factor)
+            out[idx] = np.where(x < (cx[0] + cx[1]) / 2, LUNG_RIGHT, LUNG_LEFT)
+        return out
+    idx = np.nonzero(lung)
+    x = patient_x_of_voxels(volume, idx, factor)
+    lo, hi = float(x.min()), float(x.max())
+    bins = np.arange(lo, hi + 2.0, 2.0)
+    hist, edges = np.histogram(x, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    central = (centres > lo + 0.3 * (hi - lo)) & (centres < lo + 0.7 * (hi - lo))
+    cut = float(centres[central][np.argmin(hist[central])]) if central.any() else (lo + hi) / 2
+    out[idx] = np.where(x < cut, LUNG_RIGHT, LUNG_LEFT)
+    return out
+
+
+def _close_and_fill(mask: npt.NDArray[np.bool_], radius_px: float) -> npt.NDArray[np.bool_]:
+    """Per-slice closing (Euclidean radius) and hole filling, inside each slice's bounding box."""
+    out = mask.copy()
+    pad = int(np.ceil(radius_px)) + 2
+    for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        sl = mask[k]
+        rows, cols = np.nonzero(sl)
+        r0, r1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, sl.shape[0])
+        c0, c1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, sl.shape[1])
+        box = np.pad(sl[r0:r1, c0:c1], pad)
+        if radius_px > 0:
+            dilated = ndimage.distance_transform_edt(~box) <= radius_px
+            box = (ndimage.distance_transform_edt(dilated) > radius_px) | box
+        box = ndimage.binary_fill_holes(box)
+        out[k, r0:r1, c0:c1] |= box[pad:-pad, pad:-pad]
+    return out
+
+
+def threshold_lung_mask(
+    volume: SeriesVolume, options: LungMaskOptions | None = None,
+    device: torch.device | str = "cpu",
+) -> npt.NDArray[np.uint8]:
+    """Lung labels (0 background, 1 right, 2 left) from HU alone.
+
+    Parameters
+    ----------
+    volume:
+        The series in HU.
+    options:
+        Thresholds (:class:`LungMaskOptions`).
+    device:
+        Where the resampling to and from the work grid runs (``"cuda"`` speeds it up; the
+        connected-component work is always on the CPU).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` labels on the source grid.
+    """
+    opt = options or LungMaskOptions()
+    dz, dr, dc = volume.spacing_mm
+    src_z = volume.slice_positions()
+    target = (max(dz, opt.work_spacing_mm[0]), max(dr, opt.work_spacing_mm[1]),
+              max(dc, opt.work_spacing_mm[2]))
+    grid = model_grid(volume.hu.shape, src_z, (dr, dc), target)
+    small = resample_to_model_grid(volume.hu, grid, device=device).cpu().numpy()
+    n_w, h_w, w_w = grid.shape
+    pr = (volume.hu.shape[1] - 1) * dr / max(h_w - 1, 1)
+    pc = (volume.hu.shape[2] - 1) * dc / max(w_w - 1, 1)
+    pz = float(grid.z_positions_mm[1] - grid.z_positions_mm[0]) if n_w > 1 else dz
+    work = SeriesVolume(hu=small, spacing_mm=(pz, pr, pc), origin_mm=volume.origin_mm,
+                        direction=volume.direction, source_files=(), source_frames=(),
+                        sop_instance_uids=(),
+                        slice_positions_mm=tuple(float(v) for v in grid.z_positions_mm - src_z[0]))
+    voxel_ml = pz * pr * pc / 1000.0
+    min_vox = max(1, int(opt.min_lung_ml / voxel_ml))
+
+    air = small < opt.air_hu
+    for kk in range(air.shape[0]):
+        lab, n = ndimage.label(air[kk])
+        if n:
+            border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+            air[kk][np.isin(lab, border[border > 0])] = False
+    comps = _keep_lungs(air, min_vox, opt.second_lung_fraction)
+    lung = comps > 0
+
+    max_area_px = opt.airway_max_area_mm2 / (pr * pc)
+    for k in np.nonzero(lung.any(axis=(1, 2)))[0]:
+        lab, n_lab = ndimage.label(lung[k])
+        if n_lab == 0:
+            continue
+        flat = lab.ravel()
+        area = np.bincount(flat, minlength=n_lab + 1)[1:]
+        # median HU below the threshold <=> more than half of the pixels below it
+        below = np.bincount(flat, weights=(small[k] < opt.airway_median_hu).ravel(),
+                            minlength=n_lab + 1)[1:]
+        airway = np.nonzero((area < max_area_px) & (below > 0.5 * area))[0] + 1
+        if airway.size:
+            lung[k][np.isin(lab, airway)] = False
+    comps = _keep_lungs(lung, min_vox, opt.second_lung_fraction)
+    lung = comps > 0
+    labels_small = split_left_right(lung, work, 1, comps)
+
+    radius_px = opt.closing_mm / max(pr, pc)
+    right = _close_and_fill(labels_small == LUNG_RIGHT, radius_px)
+    left = _close_and_fill(labels_small == LUNG_LEFT, radius_px)
+    both = right & left  # closing of one lung reached into the other: keep the original label
+    merged = np.zeros(lung.shape, np.uint8)
+    merged[right] = LUNG_RIGHT
+    merged[left] = LUNG_LEFT
+    merged[both] = np.where(labels_small[both] > 0, labels_small[both], LUNG_RIGHT)
+    labels_small = merged
+
+    return labels_to_source(labels_small, grid)

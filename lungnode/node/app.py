@@ -1,0 +1,138 @@
+"""The ``lungnode run`` process: storage, startup recovery, listener, services, clean stop.
+
+:class:`NodeApp` opens the database and file store, recovers from a crash (removes temp files,
+indexes files without rows, closes association rows left open), starts the listener (see
+:mod:`lungnode.node.listener`), then every service named in :data:`SERVICE_FACTORIES`. On SIGTERM or
+SIGINT it stops the listener first (no new associations; open ones get ``node.shutdown_grace_s``),
+then the services in reverse order, and writes the clean-shutdown marker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import cast
+
+from lungnode.config import Config
+from lungnode.node.listener import Listener
+from lungnode.node.service import Service
+from lungnode.ops.metrics import setup_from_config
+from lungnode.storage.catalog import Catalog
+from lungnode.storage.db import Database
+from lungnode.storage.filestore import FileStore
+
+LOG = logging.getLogger(__name__)
+
+#: Extra services ``lungnode run`` starts after the listener, as ``"module:function"`` paths to
+#: ``make_service(config: Config, db: Database, store: FileStore) -> Service``. Other areas append
+#: theirs (completion scheduler, local worker pool, delivery sender, metrics server, retention).
+SERVICE_FACTORIES: list[str] = [
+    "lungnode.node.completion:make_service",
+    "lungnode.node.worker:make_service",
+    "lungnode.node.delivery:make_service",
+    "lungnode.ops.server:make_service",
+    "lungnode.ops.retention:make_service",
+]
+
+ServiceFactory = Callable[[Config, Database, FileStore], Service]
+
+
+def configure_logging(config: Config) -> None:
+    """Log to stderr at ``logging.level`` (patient data only ever at DEBUG)."""
+    level = getattr(logging, config.logging.level.upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
+
+
+def load_factory(path: str) -> ServiceFactory:
+    """Import ``"module:function"``."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"service factory {path!r} is not 'module:function'")
+    return cast(ServiceFactory, getattr(importlib.import_module(module_name), attr))
+
+
+class NodeApp:
+    """The node process.
+
+    Parameters
+    ----------
+    config:
+        The validated configuration.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.db = Database(config.storage.effective_database_url)
+        self.store = FileStore(config.storage.root_path, fsync=config.storage.fsync,
+                               min_free_mb=config.storage.min_free_disk_mb)
+        self.catalog = Catalog(self.db, self.store, config.completion.quiet_period_s)
+        self.listener = Listener(config, self.db, self.store)
+        self.services: list[Service] = []
+        self._stop = threading.Event()
+
+    def recover(self) -> dict[str, int]:
+        """Startup recovery: temp files, files without rows, association rows left open."""
+        removed = self.store.remove_temp_files()
+        counts = self.catalog.reconcile()
+        closed = self.catalog.close_open_associations("interrupted")
+        if removed or closed or counts["indexed"] or counts["deleted"]:
+            LOG.warning("recovery: %d temp file(s) removed, %d file(s) indexed, %d deleted, "
+                        "%d association row(s) closed", removed, counts["indexed"], counts["deleted"],
+                        closed)
+        return {"temp_removed": removed, "associations_closed": closed, **counts}
+
+    def start(self) -> None:
+        """Recover, start the listener, then the services."""
+        # Shared metrics folder, exported in the environment before any child process starts.
+        setup_from_config(self.config.storage.root, self.config.metrics.multiprocess_dir)
+        self.recover()
+        self.listener.start()
+        for path in SERVICE_FACTORIES:
+            service = load_factory(path)(self.config, self.db, self.store)
+            service.start()
+            self.services.append(service)
+            LOG.info("service %s started", service.name)
+
+    def stop(self) -> None:
+        """Stop the listener (grace for open associations), then the services in reverse order."""
+        grace = self.config.node.shutdown_grace_s
+        self.listener.stop(grace)
+        for service in reversed(self.services):
+            try:
+                service.stop(grace)
+            except Exception:
+                LOG.exception("service %s did not stop cleanly", service.name)
+        self.services.clear()
+        self.catalog.close_open_associations("aborted-shutdown")
+        self.catalog.mark_clean_shutdown()
+        self.db.dispose()
+
+    def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+        """Signal handler: ask :meth:`run` to stop."""
+        LOG.info("signal %d: stopping (grace %.0f s)", signum, self.config.node.shutdown_grace_s)
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM/SIGINT; return the exit status."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            self.start()
+        except Exception:
+            LOG.exception("node did not start")
+            self.listener.stop(0.1)
+            return 1
+        LOG.info("lungnode running (AE %s, port %d, %d listener process(es))", self.config.node.ae_title,
+                 self.config.node.port, self.config.node.listener_processes)
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+        LOG.info("lungnode stopped")
+        return 0

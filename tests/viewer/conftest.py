@@ -1,0 +1,34 @@
+"""Fixtures of the viewer proof: prerequisites, the OHIF dist, and the artefact folder.
+
+The steps themselves live in ``tools/viewer_proof.py`` (also a script that leaves the pictures).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))
+
+import viewer_proof  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def viewer_prerequisites() -> None:
+    """Skip (with what is missing) unless Orthanc, its plugins, Chromium, npm and Selenium exist."""
+    missing = viewer_proof.missing_prerequisites()
+    if missing:
+        pytest.skip("viewer proof needs: " + "; ".join(missing))
+
+
+@pytest.fixture(scope="session")
+def viewer_artifacts() -> Path:
+    """Where the screenshots are kept: ``$LUNGNODE_VIEWER_ARTIFACTS`` or ``test-artifacts/viewer``."""
+    path = Path(os.environ.get("LUNGNODE_VIEWER_ARTIFACTS", REPO / "test-artifacts" / "viewer"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
