@@ -23,7 +23,13 @@ from scipy import ndimage
 
 from lungnode.inference.checkpoint import BundleMetadata, file_sha256, load_bundle
 from lungnode.inference.geometry import GeometryPolicy
-from lungnode.inference.lungmask import LungMaskOptions, split_left_right, threshold_lung_mask
+from lungnode.inference.lungmask import (
+    LungMaskOptions,
+    body_mask,
+    drop_stray_components,
+    split_left_right,
+    threshold_lung_mask,
+)
 from lungnode.inference.measurements import measure_volume
 from lungnode.inference.predict import (
     model_grid,
@@ -302,7 +308,8 @@ class InferenceEngine:
 
         t = time.perf_counter()
         if model_lung is not None and model_lung.any():
-            lung_labels = split_left_right(model_lung, volume)
+            kept = drop_stray_components(model_lung, body_mask(volume.hu))
+            lung_labels = split_left_right(kept, volume)
             lung_source = "model"
             times["lung_mask"] = time.perf_counter() - t
         else:

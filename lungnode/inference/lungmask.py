@@ -67,6 +67,75 @@ def _keep_lungs(mask: npt.NDArray[np.bool_], min_vox: int, frac: float) -> npt.N
     return lut[lab]
 
 
+def body_mask(hu: npt.NDArray[np.floating], threshold_hu: float = -500.0,
+              step: int = 2) -> npt.NDArray[np.bool_]:
+    """The patient's body per slice: the largest soft-tissue region, holes filled.
+
+    Parameters
+    ----------
+    hu:
+        ``(slices, rows, columns)`` volume in HU.
+    threshold_hu:
+        Tissue is above this.
+    step:
+        In-plane subsampling used for speed (the mask is expanded back to full size).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask, same shape as ``hu``; the table and anything detached from the body are out.
+    """
+    small = hu[:, ::step, ::step] > threshold_hu
+    body = np.zeros(small.shape, bool)
+    for k in range(small.shape[0]):
+        lab, n = ndimage.label(small[k])
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        body[k] = ndimage.binary_fill_holes(lab == int(sizes.argmax()))
+    full = body.repeat(step, axis=1).repeat(step, axis=2)
+    return np.ascontiguousarray(full[:, : hu.shape[1], : hu.shape[2]])
+
+
+def drop_stray_components(mask: npt.NDArray[np.bool_], body: npt.NDArray[np.bool_] | None = None,
+                          min_fraction: float = 0.02) -> npt.NDArray[np.bool_]:
+    """Remove a model's stray "lung" components: outside the body, or tiny.
+
+    A model's lung class can fire on air pockets outside the body (the table, clothing) or on
+    bowel gas. Real lung parts, dense consolidation included, lie inside the body and are
+    connected to a lung in 3D, so a component is kept only when most of it is inside ``body`` and
+    it is at least ``min_fraction`` of the largest kept component.
+
+    Parameters
+    ----------
+    mask:
+        Boolean lung mask.
+    body:
+        Boolean body mask (:func:`body_mask`); ``None`` skips the inside-the-body test.
+    min_fraction:
+        Smallest kept component, as a fraction of the largest one's size.
+
+    Returns
+    -------
+    numpy.ndarray
+        The filtered boolean mask (a new array; ``mask`` is unchanged).
+    """
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+    sizes[0] = 0
+    if body is not None:
+        inside = np.bincount(lab.ravel(), weights=body.ravel(), minlength=n + 1)
+        sizes[inside < 0.5 * sizes] = 0
+    if sizes.max() == 0:
+        return np.zeros(mask.shape, bool)
+    keep = sizes >= max(1.0, min_fraction * sizes.max())
+    keep[0] = False
+    return np.asarray(keep[lab], dtype=bool)
+
+
 def patient_x_of_voxels(
     volume: SeriesVolume, idx: tuple[npt.NDArray[np.int64], ...], factor: int = 1
 ) -> npt.NDArray[np.float64]:

@@ -78,3 +78,26 @@ def test_real_chest_ct_lungs(chest_ct_dir: Path) -> None:
     top = vol.hu[-4]
     centre = top[200:330, 226:286]
     assert not (lab[-4, 200:330, 226:286][centre < -950]).any()
+
+
+def test_drop_stray_components_keeps_lungs_and_removes_outside_pieces() -> None:
+    from lungnode.inference.lungmask import body_mask, drop_stray_components
+
+    hu = np.full((20, 64, 64), -1000.0, np.float32)
+    hu[:, 5:50, 2:62] = 40.0                # body
+    hu[:, 56:62, 10:54] = 300.0             # table, detached from the body
+    hu[:, 58:60, 20:30] = -1000.0           # air pocket inside the table
+    mask = np.zeros(hu.shape, bool)
+    mask[2:18, 10:40, 5:28] = True           # right lung
+    mask[2:18, 10:40, 36:60] = True          # left lung
+    mask[8:10, 40:44, 20:24] = True          # attached to the right lung: kept
+    mask[4:16, 58:60, 20:30] = True          # "lung" in the table's air pocket: dropped
+    mask[5:6, 20:21, 31:32] = True           # tiny speck inside the body: dropped
+    body = body_mask(hu)
+    assert body[10, 20, 30] and not body[10, 58, 25]
+    out = drop_stray_components(mask, body)
+    assert out[2:18, 10:40, 5:28].all() and out[2:18, 10:40, 36:60].all()
+    assert out[8:10, 40:44, 20:24].all()
+    assert not out[4:16, 58:60, 20:30].any()
+    assert not out[5, 20, 31]
+    assert mask[4:16, 58:60, 20:30].all()    # input untouched
