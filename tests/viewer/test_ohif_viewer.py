@@ -35,7 +35,9 @@ def proof(viewer_prerequisites: None, viewer_artifacts: Path, chest_ct_dir: Path
 
     The node runs with the threshold stand-in engine (``jobs.engine_factory``): everything is the
     real node (listener, completion, job, SEG/SR/SC builders, delivery) except the segmentation, so
-    the masks are known to hold lung and infiltrate whatever the model bundle finds on this CT.
+    the masks are exact (a threshold lung mask and a known infiltrate) and the pixel-placement
+    thresholds below are calibrated on them. ``tools/viewer_proof.py --engine model`` runs the same
+    flow with the bundled demo model (README picture).
     """
     report = viewer_proof.run_proof(viewer_artifacts, source="node", ct_dir=chest_ct_dir,
                                     engine="threshold")
