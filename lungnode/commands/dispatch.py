@@ -7,7 +7,6 @@ These are thin wrappers over :mod:`lungnode.node.jobs`, :mod:`lungnode.node.work
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Any
 
@@ -24,10 +23,10 @@ def _db(config: Config) -> Database:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.logs import configure_logging
     from lungnode.node.worker import resolve, run_worker
 
-    logging.basicConfig(level=config.logging.level.upper(),
-                        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
+    configure_logging(config, "worker %(process)d")
     from lungnode.ops import metrics
 
     # A worker unit beside the node shares its metrics folder only when one is named explicitly

@@ -10,7 +10,8 @@ from lungnode.config import Config
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.app import NodeApp, configure_logging
+    from lungnode.logs import configure_logging
+    from lungnode.node.app import NodeApp
 
     configure_logging(config)
     return NodeApp(config).run()

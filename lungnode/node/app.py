@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -40,14 +39,6 @@ SERVICE_FACTORIES: list[str] = [
 ]
 
 ServiceFactory = Callable[[Config, Database, FileStore], Service]
-
-
-def configure_logging(config: Config) -> None:
-    """Log to stderr at ``logging.level`` (patient data only ever at DEBUG)."""
-    level = getattr(logging, config.logging.level.upper(), logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
 
 
 def load_factory(path: str) -> ServiceFactory:

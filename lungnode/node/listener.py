@@ -47,6 +47,9 @@ LOG = logging.getLogger(__name__)
 _config.LOG_HANDLER_LEVEL = "none"
 #: Idle sleep of pynetdicom's DUL loop and association reactor loop (pynetdicom: 1 ms each).
 DUL_LOOP_DELAY_S = 0.0002
+#: DUL loop sleep while the association's C-STORE handler runs: the peer waits for our response
+#: then, so fast polling only takes the GIL from the handler (measured: +2-5 % instances/s).
+DUL_BUSY_LOOP_DELAY_S = 0.002
 
 
 class _ShortPollTime:
@@ -162,6 +165,15 @@ class ListenerWorker:
                 self._stats[id(assoc)] = stats
             return stats
 
+    def _on_c_store(self, event: Any) -> Any:
+        """Run the C-STORE handler with the association's DUL polling slowed down meanwhile."""
+        dul = event.assoc.dul
+        dul._run_loop_delay = DUL_BUSY_LOOP_DELAY_S
+        try:
+            return self.handler(event)
+        finally:
+            dul._run_loop_delay = DUL_LOOP_DELAY_S
+
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
         # The DUL thread polls its socket and sleeps 1 ms when idle; a shorter nap cuts the latency
@@ -185,12 +197,14 @@ class ListenerWorker:
                  assoc_id, reason if reason != "limit" else
                  f"limit of {self.config.node.max_associations} reached", calling, called, peer)
         metrics.ASSOCIATIONS.labels(outcome=f"rejected-{reason}").inc()
-        assoc.acse.send_reject(*rsd)
+        # Recorded (row + audit) before the peer hears the answer, so whoever sees the reject also
+        # finds it in the database.
         try:
             self.catalog.association_rejected(assoc_id, calling_ae=calling, called_ae=called, peer=peer,
                                               reason=reason)
         except Exception:
             LOG.exception("could not record a rejected association")
+        assoc.acse.send_reject(*rsd)
         assoc.kill()
 
     def _open_associations(self) -> int:
@@ -265,7 +279,7 @@ class ListenerWorker:
         node = self.config.node
         self.writer.start()
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, self.handler),
+            (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -319,13 +333,14 @@ class ListenerWorker:
             self._stats.clear()
         for stats in leftovers:
             self._finish(stats, "aborted-shutdown")
+        self.handler.close()
         self.writer.stop()
         self.server = None
 
 
 def _child_main(config: Config, ready: Any, stop_event: Any) -> None:
     """Entry point of a listener child process (spawned)."""
-    from lungnode.node.app import configure_logging
+    from lungnode.logs import configure_logging
 
     configure_logging(config)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

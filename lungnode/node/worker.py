@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lungnode.config import Config
+from lungnode.logs import configure_logging
 from lungnode.node import jobs
 from lungnode.node.outcome import JobOutcome, PermanentJobError, TransientJobError
 from lungnode.ops import metrics
@@ -233,8 +234,7 @@ def run_worker(config: Config, processor: Processor | None = None,
 
 
 def _pool_child(config: Config) -> None:
-    logging.basicConfig(level=config.logging.level.upper(),
-                        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
+    configure_logging(config, "worker %(process)d")
     run_worker(config)
 
 

@@ -12,7 +12,8 @@
 * association rows (start, end, rejected) and the matching audit events;
 * :meth:`Catalog.status_counts` for ``lungnode status``.
 
-Header fields are taken from a pydicom header (:func:`header_fields`), never from pixel data.
+Header fields are taken from a pydicom header (:func:`lungnode.storage.fields.header_fields`, re-exported
+here), never from pixel data.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from lungnode.ops.audit import record_event
-from lungnode.provenance import PRIVATE_GROUP, is_own_output
+from lungnode.storage import ingest_sql
 from lungnode.storage.db import Database
-from lungnode.storage.filestore import TMP_DIR, FileStore
+from lungnode.storage.fields import InstanceFields, header_fields
+from lungnode.storage.filestore import TMP_DIR, FileStore, fsync_dir
 from lungnode.storage.models import (
     AssociationRecord,
     Instance,
@@ -48,138 +49,13 @@ from lungnode.uids import is_valid_uid
 
 LOG = logging.getLogger(__name__)
 
+__all__ = ["CLEAN_SHUTDOWN_MARKER", "RECONCILE_NEEDED_MARKER", "Catalog", "Filed", "Incoming",
+           "InstanceFields", "header_fields"]
+
 #: Marker written at a clean shutdown; its absence at start means a crash (reconcile the files).
 CLEAN_SHUTDOWN_MARKER = ".clean-shutdown"
 #: Marker written when a batch failed after its files were renamed: reconcile at the next start.
 RECONCILE_NEEDED_MARKER = ".reconcile-needed"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        out = "\\".join(str(v) for v in value)
-    else:
-        out = str(value)
-    return out.replace("\x00", "").strip()[:limit]
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _group(ds: Dataset, keyword: str) -> Dataset | None:
-    """First item of a functional group macro (shared, else first per-frame item)."""
-    for seq_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        seq = ds.get(seq_name)
-        if seq:
-            inner = seq[0].get(keyword)
-            if inner:
-                return inner[0]
-    return None
-
-
-@dataclass
-class InstanceFields:
-    """Everything stored about one instance, read from its header."""
-
-    patient: dict[str, Any]
-    study: dict[str, Any]
-    series: dict[str, Any]
-    instance: dict[str, Any]
-    own_output: bool = False
-
-
-def header_fields(ds: Dataset) -> InstanceFields:
-    """Read the fields later stages need from a header (UIDs must already be valid).
-
-    Parameters
-    ----------
-    ds:
-        A header read with ``stop_before_pixels=True``.
-
-    Returns
-    -------
-    InstanceFields
-        Column values for the patient, study, series and instance rows.
-    """
-    orientation = _text(ds, "ImageOrientationPatient", 256)
-    position = _text(ds, "ImagePositionPatient", 128)
-    spacing = _text(ds, "PixelSpacing", 64)
-    thickness = _float(ds.get("SliceThickness"))
-    if not orientation and (plane := _group(ds, "PlaneOrientationSequence")) is not None:
-        orientation = _text(plane, "ImageOrientationPatient", 256)
-    if not position:
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-        if per_frame and per_frame[0].get("PlanePositionSequence"):
-            position = _text(per_frame[0].PlanePositionSequence[0], "ImagePositionPatient", 128)
-    if (measures := _group(ds, "PixelMeasuresSequence")) is not None:
-        spacing = spacing or _text(measures, "PixelSpacing", 64)
-        thickness = thickness if thickness is not None else _float(measures.get("SliceThickness"))
-    kernel = _text(ds, "ConvolutionKernel", 64)
-    if not kernel and (recon := _group(ds, "CTReconstructionSequence")) is not None:
-        kernel = _text(recon, "ConvolutionKernel", 64)
-    modality = _text(ds, "Modality", 16)
-    return InstanceFields(
-        patient={"patient_id": _text(ds, "PatientID", 64),
-                 "issuer": _text(ds, "IssuerOfPatientID", 64),
-                 "patient_name": _text(ds, "PatientName", 324),
-                 "birth_date": _text(ds, "PatientBirthDate", 8),
-                 "sex": _text(ds, "PatientSex", 16)},
-        study={"study_uid": str(ds.StudyInstanceUID),
-               "study_date": _text(ds, "StudyDate", 8),
-               "study_time": _text(ds, "StudyTime", 16),
-               "accession_number": _text(ds, "AccessionNumber", 16),
-               "study_id": _text(ds, "StudyID", 16),
-               "description": _text(ds, "StudyDescription", 64),
-               "referring_physician": _text(ds, "ReferringPhysicianName", 324)},
-        series={"series_uid": str(ds.SeriesInstanceUID),
-                "modality": modality,
-                "series_number": _int(ds.get("SeriesNumber")),
-                "description": _text(ds, "SeriesDescription", 64),
-                "body_part": _text(ds, "BodyPartExamined", 16),
-                "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID", 64),
-                "manufacturer": _text(ds, "Manufacturer", 64)},
-        instance={"sop_instance_uid": str(ds.SOPInstanceUID),
-                  "sop_class_uid": str(ds.SOPClassUID),
-                  "modality": modality,
-                  "image_type": _text(ds, "ImageType", 128),
-                  "instance_number": _int(ds.get("InstanceNumber")),
-                  "image_position": position,
-                  "image_orientation": orientation,
-                  "pixel_spacing": spacing,
-                  "slice_thickness": thickness,
-                  "spacing_between_slices": _float(ds.get("SpacingBetweenSlices")),
-                  "rows": _int(ds.get("Rows")),
-                  "columns": _int(ds.get("Columns")),
-                  "number_of_frames": _int(ds.get("NumberOfFrames")) or 1,
-                  "images_in_acquisition": _int(ds.get("ImagesInAcquisition")),
-                  "acquisition_number": _int(ds.get("AcquisitionNumber")),
-                  "gantry_tilt": _float(ds.get("GantryDetectorTilt")),
-                  "kernel": kernel},
-        # is_own_output probes 240 private tags; only do it when group 0071 is present at all.
-        own_output=any((int(tag) >> 16) == PRIVATE_GROUP for tag in ds.keys())  # noqa: SIM118
-        and is_own_output(ds),
-    )
 
 
 @dataclass
@@ -270,7 +146,7 @@ class Catalog:
                         folders.add(final.parent)
                 if self.store.fsync:
                     for folder in folders:  # one fsync per folder and batch makes the renames durable
-                        _fsync_dir(folder)
+                        fsync_dir(folder)
                 # commit happens when the block exits: rows after their files.
         except BaseException as exc:
             # Nothing was committed: fail every item; files already renamed have no rows (indexed at
@@ -291,9 +167,8 @@ class Catalog:
     def _file_one(self, session: Session, item: Incoming, *, existing_path: str = "") -> Filed:
         f = item.fields
         sop_uid = f.instance["sop_instance_uid"]
-        rows = session.execute(
-            select(Instance.id, Instance.version, Instance.sha256, Instance.path)
-            .where(Instance.sop_instance_uid == sop_uid)).all()
+        conn = session.connection()  # Core statements (ingest_sql) in the session's transaction
+        rows = ingest_sql.versions(conn, sop_uid)
         for row in rows:
             if row.sha256 == item.sha256:
                 return Filed("duplicate", row.version, row.path)
@@ -303,13 +178,12 @@ class Catalog:
             raise ValueError(f"file {existing_path} does not match its header (expected {relpath})")
         series_pk = self._upsert_series(session, f, item.received_at)
         if rows:
-            session.execute(update(Instance).where(Instance.sop_instance_uid == sop_uid)
-                            .values(current=False))
-        session.execute(insert(Instance).values(
-            series_pk=series_pk, version=version, current=True, path=relpath, size_bytes=item.size,
-            sha256=item.sha256, transfer_syntax_uid=item.transfer_syntax_uid,
-            calling_ae=item.calling_ae[:16], association_id=item.association_id[:36],
-            received_at=item.received_at, **f.instance))
+            conn.execute(ingest_sql.CLEAR_CURRENT, {"b_sop": sop_uid})
+        conn.execute(ingest_sql.INSERT_INSTANCE, {
+            "series_pk": series_pk, "version": version, "current": True, "path": relpath,
+            "size_bytes": item.size, "sha256": item.sha256, "transfer_syntax_uid": item.transfer_syntax_uid,
+            "calling_ae": item.calling_ae[:16], "association_id": item.association_id[:36],
+            "received_at": item.received_at, **f.instance})
         if version > 1:
             LOG.warning("SOP instance received again with different bytes: stored as version %d "
                         "(association %s)", version, item.association_id)
@@ -329,10 +203,9 @@ class Catalog:
         cached = self._series_pk.get(series_uid)
         if cached is not None:
             # Known series: one UPDATE (timer, state) instead of the patient/study/series upserts.
-            pk = session.execute(update(Series).where(Series.id == cached).values(**values)
-                                 .returning(Series.id)).scalar_one_or_none()
+            pk = ingest_sql.touch_series(session.connection(), values, pk=cached)
             if pk is not None:
-                return int(pk)
+                return pk
             self._series_pk.pop(series_uid, None)  # deleted meanwhile (retention)
         ins = self._insert
         session.execute(ins(Patient).values(**f.patient)
@@ -348,9 +221,8 @@ class Catalog:
                                            state="receiving", first_received_at=now,
                                            last_received_at=now, completion_due_at=due, **f.series)
                         .on_conflict_do_nothing(index_elements=["series_uid"]))
-        series_pk: int = session.execute(
-            update(Series).where(Series.series_uid == series_uid).values(**values)
-            .returning(Series.id)).scalar_one()
+        series_pk = ingest_sql.touch_series(session.connection(), values, series_uid=series_uid)
+        assert series_pk is not None  # inserted above if it was missing
         if len(self._series_pk) > 10_000:
             self._series_pk.clear()
         self._series_pk[series_uid] = series_pk
