@@ -171,6 +171,23 @@ window.config = {{
 """
 
 
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract regular files and folders only, all inside ``dest``.
+
+    Python 3.11.4+ has ``extractall(filter="data")``; Debian 12's 3.11.2 does not, so the same rule
+    (no links, devices or paths leaving ``dest``) is applied here by hand.
+    """
+    root = dest.resolve()
+    members = []
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise RuntimeError(f"refusing to extract {member.name!r} from the OHIF package")
+        member.mode = (member.mode | 0o600) & 0o755
+        members.append(member)
+    tar.extractall(dest, members=members)
+
 def fetch_ohif(cache: Path = DEFAULT_CACHE, version: str = OHIF_VERSION) -> Path:
     """The ``dist/`` folder of ``@ohif/app@version``, fetched once with ``npm pack`` into ``cache``.
 
@@ -201,7 +218,7 @@ def fetch_ohif(cache: Path = DEFAULT_CACHE, version: str = OHIF_VERSION) -> Path
                 raise RuntimeError(f"{tarball}: integrity {digest} is not the pinned {OHIF_INTEGRITY}")
         tmp = Path(tempfile.mkdtemp(prefix=f"app-{version}-", dir=cache))
         with tarfile.open(tarball) as tar:
-            tar.extractall(tmp, filter="data")
+            _safe_extract(tar, tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
