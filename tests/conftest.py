@@ -9,11 +9,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # makes `from tests.node_process import ...` work everywhere
     sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+from tests.node_process import free_port, wait_for_port  # noqa: E402  (shared with helpers)
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +39,6 @@ def chest_ct_dir(shared_data: Path) -> Path:
     return shared_data / "ct" / "chest-30-slices-uncompressed"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def port() -> int:
     """A free TCP port on 127.0.0.1."""
@@ -60,18 +53,6 @@ def dcmtk_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
     return env
-
-
-def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
-    """Block until something accepts TCP connections on ``host:port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def _pg_bin(name: str) -> str:

@@ -30,21 +30,23 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_PEERS = ("STORESCU", "ECHOSCU", "TESTSCU", "PACS")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, timeout: float) -> None:
+def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+    """Block until something accepts TCP connections on ``host:port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def _toml_value(value: Any) -> str:
@@ -107,7 +109,7 @@ class LungnodeProcess:
                  port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.root = self.workdir / "store"
         self.config_path = self.workdir / "lungnode.toml"
         self.log_path = self.workdir / "lungnode.log"
@@ -153,7 +155,7 @@ class LungnodeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"lungnode run exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                _wait_for_port(self.port, 0.5)
+                wait_for_port(self.port, 0.5)
                 return self
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -19,15 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from node_process import free_port  # tests/ is on sys.path wherever this module is imported
+
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OrthancServer:
