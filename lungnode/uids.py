@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import re
 
+#: lungnode's Implementation Class UID (PS3.7 D.3.3.2; a UUID-derived UID under 2.25, fixed for
+#: all versions): sent in the A-ASSOCIATE-AC and written in the file meta of received instances.
+IMPLEMENTATION_CLASS_UID = "2.25.308344969267876139590962120053086323396"
+
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
 

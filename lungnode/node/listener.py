@@ -1,17 +1,19 @@
-"""The DIMSE listener: a pynetdicom C-ECHO/C-STORE SCP with access control, TLS and clean stop.
+"""The DIMSE listener: C-ECHO/C-STORE SCP with association policy, TLS and a clean stop.
 
-:class:`ListenerWorker` runs one pynetdicom association server (threads) in the current process,
-with its own :class:`GroupCommitWriter`. :class:`Listener` is what ``lungnode run`` starts: with
-``node.listener_processes = 1`` one worker in the main process; with more, that many child
-processes (``multiprocessing`` spawn), each binding the same port with ``SO_REUSEPORT`` (the
-kernel spreads connections over them) and opening its own database engine.
+:class:`ListenerWorker` runs one :class:`~lungnode.node.acceptor.Acceptor` (a thread per
+association) in the current process, with its own :class:`GroupCommitWriter`, and supplies the
+acceptor's hooks: association policy, storage (:class:`StoreHandler`) and the association log.
+:class:`Listener` is what ``lungnode run`` starts: with ``node.listener_processes = 1`` one worker
+in the main process; with more, that many child processes (``multiprocessing`` spawn), each binding
+the same port with ``SO_REUSEPORT`` (the kernel spreads connections over them) and opening its own
+database engine.
 
-Association policy (checked at ``EVT_REQUESTED``, before any data): an unknown calling AE or an
-address outside the peer's network → A-ASSOCIATE-RJ rejected-permanent / service-user /
+Association policy (checked when the A-ASSOCIATE-RQ arrived, before any data): an unknown calling
+AE or an address outside the peer's network → A-ASSOCIATE-RJ rejected-permanent / service-user /
 calling-AE-title-not-recognised; another called AE → called-AE-title-not-recognised; more than
 ``node.max_associations`` open → rejected-transient / service-provider (presentation) /
-local-limit-exceeded (pynetdicom's check). Stop: close the listening socket, let open
-associations finish for up to ``node.shutdown_grace_s``, abort the rest, close their rows.
+local-limit-exceeded. Stop: close the listening socket, let open associations finish for up to
+``node.shutdown_grace_s``, abort the rest, close their rows.
 """
 
 from __future__ import annotations
@@ -21,20 +23,19 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
-import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
 from typing import Any
 
-import pynetdicom.association
-from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.presentation import PresentationContext, build_context
 
 from lungnode.config import Config
+from lungnode.node.acceptor import Acceptor, AcceptorSettings, DatasetSink
 from lungnode.node.ingest import AssociationStats, GroupCommitWriter, StoreHandler
+from lungnode.node.pdu import AssociationRequest, Command
 from lungnode.node.policy import SCP_SOP_CLASSES, SCP_TRANSFER_SYNTAXES
 from lungnode.ops import metrics
 from lungnode.storage.catalog import Catalog
@@ -43,62 +44,26 @@ from lungnode.storage.filestore import FileStore
 
 LOG = logging.getLogger(__name__)
 
-# pynetdicom tuning (facts.md): no per-PDU standard log handlers.
-_config.LOG_HANDLER_LEVEL = "none"
-#: Idle sleep of pynetdicom's DUL loop and association reactor loop (pynetdicom: 1 ms each).
-DUL_LOOP_DELAY_S = 0.0002
-#: DUL loop sleep while the association's C-STORE handler runs: the peer waits for our response
-#: then, so fast polling only takes the GIL from the handler (measured: +2-5 % instances/s).
-DUL_BUSY_LOOP_DELAY_S = 0.002
+#: Verification SOP Class.
+VERIFICATION = "1.2.840.10008.1.1"
+#: Connections beyond ``node.max_associations`` that may be open while negotiating (their
+#: A-ASSOCIATE-RQ is answered with the limit rejection); more are closed at once.
+CONNECTION_HEADROOM = 50
+#: Largest P-DATA-TF PDU the node accepts (sent in the A-ASSOCIATE-AC): senders cap it at their own
+#: maximum (DCMTK: 128 KiB), and the acceptor reads data sets in chunks, so memory stays bounded.
+MAX_PDU_BYTES = 4 << 20
+#: Interpreter thread switch interval while a listener runs (Python's default is 5 ms). A thread
+#: coming back from a socket read or an fdatasync waits for the GIL up to this long while another
+#: association's thread parses; with 0.5 ms one association stores ~25 % more instances a second.
+SWITCH_INTERVAL_S = 0.0005
 
 
-class _ShortPollTime:
-    """``time`` for pynetdicom's association module with its 1 ms reactor nap shortened.
-
-    The association reactor polls the DIMSE queue with a hard-coded ``time.sleep(0.001)``; with
-    the DUL's own 1 ms nap that is most of the latency of a C-STORE (facts.md). Only sleeps of
-    exactly 1 ms are shortened (measured: +15-20 % instances/s on one association); everything
-    else is the real :mod:`time`.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(DUL_LOOP_DELAY_S if seconds == 0.001 else seconds)
-
-
-pynetdicom.association.time = _ShortPollTime()  # type: ignore[assignment]
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with optional SO_REUSEPORT and a bounded TLS handshake."""
-
-    reuse_port = False
-    handshake_timeout = 30.0
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        sock, address = self.socket.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            sock.settimeout(self.handshake_timeout)
-            try:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                LOG.warning("TLS handshake from %s failed: %s", address[0], exc)
-                metrics.ASSOCIATIONS.labels(outcome="tls-failed").inc()
-                sock.close()
-                raise
-            sock.settimeout(None)
-        return sock, address
+def supported_contexts() -> list[PresentationContext]:
+    """The SCP presentation contexts: Verification, and every storage class in every syntax."""
+    syntaxes = list(SCP_TRANSFER_SYNTAXES)
+    contexts = [build_context(VERIFICATION, syntaxes[:2])]  # implicit and explicit VR little endian
+    contexts += [build_context(sop_class, syntaxes) for sop_class in SCP_SOP_CLASSES]
+    return contexts
 
 
 def make_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -116,7 +81,7 @@ def make_ssl_context(config: Config) -> ssl.SSLContext | None:
 
 
 class ListenerWorker:
-    """One association server in this process.
+    """One acceptor in this process, and the hooks it calls.
 
     Parameters
     ----------
@@ -133,65 +98,27 @@ class ListenerWorker:
         self.catalog = Catalog(db, store, config.completion.quiet_period_s)
         self.writer = GroupCommitWriter(self.catalog)
         self.reuse_port = reuse_port
-        self._stats: dict[int, AssociationStats] = {}
+        self._open: set[AssociationStats] = set()
         self._lock = threading.Lock()
-        self.handler = StoreHandler(self.catalog, store, self.writer, self._stats_for)
-        self.server: _Server | None = None
-        self.ae = self._make_ae()
+        self.handler = StoreHandler(self.catalog, store, self.writer)
+        self.supported_contexts = supported_contexts()
+        self.acceptor: Acceptor | None = None
 
-    def _make_ae(self) -> AE:
-        node = self.config.node
-        ae = AE(ae_title=node.ae_title)
-        ae.maximum_pdu_size = 0
-        # The limit is enforced at EVT_REQUESTED (see _open_associations); pynetdicom's own check
-        # stays as a backstop with headroom for threads of finished associations.
-        ae.maximum_associations = node.max_associations + 50
-        ae.acse_timeout = node.acse_timeout_s
-        ae.dimse_timeout = node.dimse_timeout_s
-        ae.network_timeout = node.network_timeout_s
-        ae.require_called_aet = True
-        syntaxes = list(SCP_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, syntaxes[:2])  # implicit and explicit VR little endian
-        for sop_class in SCP_SOP_CLASSES:
-            ae.add_supported_context(sop_class, syntaxes)
-        return ae
-
-    # ------------------------------------------------------------------ events
-    def _stats_for(self, assoc: Any) -> AssociationStats:
-        with self._lock:
-            stats = self._stats.get(id(assoc))
-            if stats is None:  # should not happen: created at EVT_ACCEPTED
-                stats = AssociationStats(str(uuid.uuid4()), "", "", "")
-                self._stats[id(assoc)] = stats
-            return stats
-
-    def _on_c_store(self, event: Any) -> Any:
-        """Run the C-STORE handler with the association's DUL polling slowed down meanwhile."""
-        dul = event.assoc.dul
-        dul._run_loop_delay = DUL_BUSY_LOOP_DELAY_S
-        try:
-            return self.handler(event)
-        finally:
-            dul._run_loop_delay = DUL_LOOP_DELAY_S
-
-    def _on_requested(self, event: Any) -> None:
-        assoc = event.assoc
-        # The DUL thread polls its socket and sleeps 1 ms when idle; a shorter nap cuts the latency
-        # of every C-STORE (facts.md: polling is 35-45 % of a C-STORE) for little CPU.
-        assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
-        rq = assoc.requestor.primitive
-        calling = (rq.calling_ae_title or "").strip()
-        called = (rq.called_ae_title or "").strip()
-        peer = str(assoc.requestor.address)
-        reason = ""
+    # ------------------------------------------------------------------ acceptor hooks
+    def requested(self, request: AssociationRequest, peer: str) -> tuple[int, int, int] | None:
+        """Association policy: ``None`` to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+        calling, called = request.calling_ae, request.called_ae
+        rsd: tuple[int, int, int] | None = None
         if not any(p.allows(calling, peer) for p in self.config.node.peers):
             reason, rsd = "calling-ae", (0x01, 0x01, 0x03)
         elif called != self.config.node.ae_title:
             reason, rsd = "called-ae", (0x01, 0x01, 0x07)
-        elif self._open_associations() >= self.config.node.max_associations:
-            reason, rsd = "limit", (0x02, 0x03, 0x02)
-        if not reason:
-            return
+        else:
+            with self._lock:
+                if len(self._open) >= self.config.node.max_associations:
+                    reason, rsd = "limit", (0x02, 0x03, 0x02)
+        if rsd is None:
+            return None
         assoc_id = str(uuid.uuid4())
         LOG.info("association %s rejected (%s): calling AE %s, called AE %s, peer %s",
                  assoc_id, reason if reason != "limit" else
@@ -204,60 +131,45 @@ class ListenerWorker:
                                               reason=reason)
         except Exception:
             LOG.exception("could not record a rejected association")
-        assoc.acse.send_reject(*rsd)
-        assoc.kill()
+        return rsd
 
-    def _open_associations(self) -> int:
-        """Associations of this process that were accepted and have not ended.
-
-        Counted here rather than by pynetdicom, whose count includes threads of connections that
-        never sent an A-ASSOCIATE-RQ (port probes wait out the ACSE timeout) and of associations
-        already rejected or released whose threads have not exited yet.
-        """
+    def accepted(self, request: AssociationRequest, peer: str) -> AssociationStats:
+        """Open the association's row and running totals."""
+        stats = AssociationStats(str(uuid.uuid4()), request.calling_ae, request.called_ae, peer)
         with self._lock:
-            return len(self._stats)
-
-    def _on_rejected(self, event: Any) -> None:
-        # pynetdicom's own rejection (association limit).
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        assoc_id = str(uuid.uuid4())
-        calling = (rq.calling_ae_title or "").strip()
-        peer = str(assoc.requestor.address)
-        LOG.info("association %s rejected (limit of %d reached): calling AE %s, peer %s",
-                 assoc_id, self.config.node.max_associations, calling, peer)
-        metrics.ASSOCIATIONS.labels(outcome="rejected-limit").inc()
-        try:
-            self.catalog.association_rejected(assoc_id, calling_ae=calling,
-                                              called_ae=(rq.called_ae_title or "").strip(), peer=peer,
-                                              reason="limit")
-        except Exception:
-            LOG.exception("could not record a rejected association")
-
-    def _on_accepted(self, event: Any) -> None:
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        stats = AssociationStats(str(uuid.uuid4()), (rq.calling_ae_title or "").strip(),
-                                 (rq.called_ae_title or "").strip(), str(assoc.requestor.address))
-        with self._lock:
-            self._stats[id(assoc)] = stats
+            self._open.add(stats)
         metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
         try:
             self.catalog.association_started(stats.assoc_id, calling_ae=stats.calling_ae,
                                              called_ae=stats.called_ae, peer=stats.peer)
         except Exception:
             LOG.exception("could not record association start")
+        return stats
 
-    def _on_ended(self, event: Any, outcome: str) -> None:
+    def begin_store(self, token: object, command: Command, abstract_syntax: str,
+                    transfer_syntax: str) -> DatasetSink:
+        """Where the data set of a C-STORE goes (see :class:`StoreHandler`)."""
+        assert isinstance(token, AssociationStats)
+        return self.handler.begin(token, command, abstract_syntax, transfer_syntax)
+
+    def finish_store(self, token: object, command: Command, transfer_syntax: str,
+                     sink: DatasetSink) -> tuple[int, str]:
+        """File or refuse a complete C-STORE; its status and error comment."""
+        assert isinstance(token, AssociationStats)
+        return self.handler.finish(token, command, transfer_syntax, sink)
+
+    def ended(self, token: object, outcome: str) -> None:
+        """Close the association's row and write its log line."""
+        assert isinstance(token, AssociationStats)
         with self._lock:
-            stats = self._stats.pop(id(event.assoc), None)
-        if stats is not None:
-            self._finish(stats, outcome)
+            self._open.discard(token)
+        self._finish(token, outcome)
 
     def _finish(self, stats: AssociationStats, outcome: str) -> None:
-        if stats.recorded:
-            return
-        stats.recorded = True
+        with self._lock:
+            if stats.recorded:
+                return
+            stats.recorded = True
         seconds = time.monotonic() - stats.started
         if outcome == "released":
             metrics.ASSOCIATIONS.labels(outcome="released").inc()
@@ -278,64 +190,46 @@ class ListenerWorker:
         """Bind the port and serve in background threads."""
         node = self.config.node
         self.writer.start()
-        handlers: list[Any] = [
-            (evt.EVT_C_STORE, self._on_c_store),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, self._on_ended, ["released"]),
-            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
-        ]
-        server_class = type("LungnodeServer", (_Server,), {"reuse_port": self.reuse_port,
-                                                           "handshake_timeout": node.acse_timeout_s})
-        server = self.ae.make_server((node.bind, node.port), ae_title=node.ae_title,
-                                     ssl_context=make_ssl_context(self.config),
-                                     evt_handlers=handlers, server_class=server_class)
-        self.server = server  # type: ignore[assignment]
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                  name="lungnode-accept", daemon=True)
-        thread.start()
-        self.ae._servers.append(server)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        settings = AcceptorSettings(
+            bind=node.bind, port=node.port, contexts=self.supported_contexts,
+            acse_timeout_s=node.acse_timeout_s, dimse_timeout_s=node.dimse_timeout_s,
+            network_timeout_s=node.network_timeout_s,
+            max_connections=node.max_associations + CONNECTION_HEADROOM,
+            ssl_context=make_ssl_context(self.config), reuse_port=self.reuse_port,
+            max_pdu=MAX_PDU_BYTES)
+        self.acceptor = Acceptor(settings, self)
+        self.acceptor.start()
         LOG.info("listening on %s:%d as %s (pid %d, TLS %s)", node.bind, node.port, node.ae_title,
                  os.getpid(), "on" if node.tls.enabled else "off")
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let open associations finish for ``grace`` s, abort the rest."""
-        server = self.server
-        if server is None:
+        acceptor = self.acceptor
+        if acceptor is None:
             return
-        server.shutdown()  # closes the listening socket
+        acceptor.stop_accepting()
         start = time.monotonic()
         deadline = start + grace
         while time.monotonic() < deadline:
-            # Wait for established associations and those negotiating (A-ASSOCIATE-RQ received);
+            # Wait for established associations, and for those negotiating during the first 5 s;
             # a connection that never sent a request (a port probe) is not waited for.
-            busy = [a for a in server.active_associations
-                    if a.is_established or (a.requestor.primitive is not None and not (
-                        a.is_rejected or a.is_released or a.is_aborted)
-                        and time.monotonic() - start < 5.0)]
-            if not busy:
+            if not acceptor.busy(negotiating_too=time.monotonic() - start < 5.0):
                 break
             time.sleep(0.05)
-        remaining = server.active_associations
-        for assoc in remaining:
-            if not assoc.is_established:
-                assoc.abort()
-                continue
-            LOG.warning("aborting association still open at shutdown (%s, established %s, state %s)",
-                        assoc.name, assoc.is_established, assoc.dul.state_machine.current_state)
-            assoc.abort()
-        for assoc in remaining:
-            assoc.join(2.0)
-        # Association rows of aborted associations are closed by EVT_ABORTED; be sure of it.
+        left = acceptor.busy(negotiating_too=False)
+        if left:
+            LOG.warning("aborting %d association(s) still open at shutdown", left)
+        acceptor.abort_all()
+        # Rows of aborted associations are closed by their threads; be sure of it.
         with self._lock:
-            leftovers = list(self._stats.values())
-            self._stats.clear()
+            leftovers = list(self._open)
+            self._open.clear()
         for stats in leftovers:
             self._finish(stats, "aborted-shutdown")
         self.handler.close()
         self.writer.stop()
-        self.server = None
+        self.acceptor = None
 
 
 def _child_main(config: Config, ready: Any, stop_event: Any) -> None:

@@ -25,12 +25,15 @@ the inference reader, which reports undecodable series as a permanent job failur
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 
+from lungnode.node.header import scan_header
 from lungnode.uids import is_valid_uid
 
 #: Storage SOP classes accepted as SCP (abstract syntax UID → name).
@@ -111,13 +114,6 @@ class Refusal:
     status: int
     reason: str
 
-    def as_status(self) -> Dataset:
-        """The status dataset for pynetdicom (Status + Error Comment, at most 64 characters)."""
-        ds = Dataset()
-        ds.Status = self.status
-        ds.ErrorComment = self.reason[:64]
-        return ds
-
 
 @dataclass(frozen=True)
 class ParsedHeader:
@@ -128,13 +124,14 @@ class ParsedHeader:
     has_pixel_data: bool
 
 
-def parse_header(data: bytes, transfer_syntax: str) -> ParsedHeader | Refusal:
+def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader | Refusal:
     """Parse the header of a received instance (preamble + meta + dataset) without pixel data.
 
     Parameters
     ----------
     data:
-        The bytes as received (``event.encoded_dataset()``).
+        The received file: preamble, file meta and the data set bytes as sent (in memory, or a
+        read-only mapping of the temp file for large instances).
     transfer_syntax:
         The presentation context's transfer syntax UID.
 
@@ -143,22 +140,29 @@ def parse_header(data: bytes, transfer_syntax: str) -> ParsedHeader | Refusal:
     ParsedHeader or Refusal
         The header, or a 0xC000 refusal when it cannot be read.
     """
-    stream = io.BytesIO(data)
-    try:
-        ds = dcmread(stream, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types on malformed input
-        return Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable header: {type(exc).__name__}")
-    if len(ds) == 0:
-        return Refusal(STATUS_CANNOT_UNDERSTAND, "empty data set")
-    if transfer_syntax == _DEFLATED:
-        # The stream position is inside the inflated copy; look for pixel data the slow way.
-        has_pixels = any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or \
-            _deflated_has_pixels(data)
-        return ParsedHeader(ds, has_pixels)
-    pos = stream.tell()
-    tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
-    has_pixels = pos < len(data) and data[pos:pos + 4] in tags
+    fast = scan_header(data, transfer_syntax)
+    if fast is not None:
+        ds, pos = fast
+        has_pixels = pos >= 0
+    else:
+        stream: BinaryIO = data if isinstance(data, mmap.mmap) else io.BytesIO(data)  # type: ignore[assignment]
+        stream.seek(0)
+        try:
+            ds = dcmread(stream, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many types on malformed input
+            return Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable header: {type(exc).__name__}")
+        if len(ds) == 0:
+            return Refusal(STATUS_CANNOT_UNDERSTAND, "empty data set")
+        if transfer_syntax == _DEFLATED:
+            # The stream position is inside the inflated copy; look for pixel data the slow way.
+            has_pixels = any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or \
+                _deflated_has_pixels(data)
+            return ParsedHeader(ds, has_pixels)
+        pos = stream.tell()
+        tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
+        has_pixels = pos < len(data) and data[pos:pos + 4] in tags
     if has_pixels:
+        tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
         if transfer_syntax in _NATIVE:
             problem = check_native(data, pos, transfer_syntax)
         elif data[pos:pos + 4] == tags[0]:
@@ -170,7 +174,7 @@ def parse_header(data: bytes, transfer_syntax: str) -> ParsedHeader | Refusal:
     return ParsedHeader(ds, has_pixels)
 
 
-def check_native(data: bytes, pos: int, transfer_syntax: str) -> str:
+def check_native(data: bytes | mmap.mmap, pos: int, transfer_syntax: str) -> str:
     """Check that native pixel data starting at ``pos`` is as long as its element says.
 
     Returns
@@ -194,15 +198,15 @@ def check_native(data: bytes, pos: int, transfer_syntax: str) -> str:
     return ""
 
 
-def _deflated_has_pixels(data: bytes) -> bool:
+def _deflated_has_pixels(data: bytes | mmap.mmap) -> bool:
     try:
-        ds = dcmread(io.BytesIO(data), defer_size=256)
+        ds = dcmread(io.BytesIO(data[:]), defer_size=256)
     except Exception:
         return False
     return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
 
 
-def check_encapsulated(data: bytes, pos: int) -> str:
+def check_encapsulated(data: bytes | mmap.mmap, pos: int) -> str:
     """Walk the items of encapsulated pixel data starting at ``pos`` (no decoding).
 
     Returns

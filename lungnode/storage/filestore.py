@@ -92,36 +92,19 @@ class FileStore:
         os.close(fd)
         return Path(name)
 
-    def open_temp(self) -> tuple[int, Path]:
-        """Create a fresh temp file in ``.tmp`` for :meth:`write_temp`; its descriptor and path.
+    def open_temp(self, *, sync_writes: bool = True) -> tuple[int, Path]:
+        """Create a fresh temp file in ``.tmp``; its descriptor and path.
 
-        With ``fsync`` on, the file is opened ``O_SYNC``: each write returns once the data and the
-        metadata needed to read it back are on disk (what ``write`` + ``fsync`` give), in one call
-        that does not hold the GIL, so a helper thread writing it is not stalled between the two.
+        With ``fsync`` on and ``sync_writes``, the file is opened ``O_SYNC``: each write returns
+        once the data and the metadata needed to read it back are on disk (what ``write`` + ``fsync``
+        give), in one call that does not hold the GIL. Without ``sync_writes`` the caller writes
+        into the page cache and calls ``os.fdatasync`` when the file is complete.
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        if self.fsync:
+        if self.fsync and sync_writes:
             flags |= os.O_SYNC
         path = self.tmp / f"{uuid.uuid4().hex}.part"
         return os.open(path, flags, 0o600), path
-
-    def write_temp(self, data: bytes | memoryview) -> Path:
-        """Write ``data`` durably (when ``fsync``) to a fresh temp file in ``.tmp``; return its path.
-
-        The caller's buffer is written as is (no copy). On error the temp file is removed and the
-        error raised.
-        """
-        fd, path = self.open_temp()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return path
 
     def write_bytes(self, relpath: str, data: bytes | memoryview) -> Path:
         """Write ``data`` durably to ``relpath`` (temp file, fsync, rename, fsync folder)."""

@@ -1,6 +1,6 @@
 """docs/conformance.md stays true: its tables equal the presentation contexts the code offers.
 
-SCP side: the contexts of the listener's real pynetdicom AE. SCU side: the contexts that
+SCP side: the contexts the listener negotiates. SCU side: the contexts that
 ``check_destination`` really proposes to a peer (captured by a real SCP on loopback), and
 ``SCU_SOP_CLASSES`` when the delivery module defines it.
 """
@@ -42,14 +42,14 @@ def doc_table(name: str, text: str | None = None) -> list[dict[str, str]]:
 
 
 def scp_contexts(config: Config, tmp_path: Path) -> dict[str, set[str]]:
-    """Abstract syntax → transfer syntaxes of the listener's real AE."""
+    """Abstract syntax → transfer syntaxes the listener negotiates."""
     from lungnode.node.listener import ListenerWorker
 
     db = Database(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     try:
         listener = ListenerWorker(config, db, FileStore(tmp_path / "store", fsync=False))
         return {str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax}
-                for cx in listener.ae.supported_contexts}
+                for cx in listener.supported_contexts}
     finally:
         db.dispose()
 

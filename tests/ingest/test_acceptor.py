@@ -1,0 +1,324 @@
+"""The node's own DICOM acceptor (lungnode.node.acceptor / pdu / header) at the protocol level.
+
+A real :class:`ListenerWorker` listens on loopback in this process; peers are pynetdicom (an
+independent DICOM implementation) and raw sockets that send what well-behaved senders never do:
+an unknown PDU type, a PDV on a context that was not accepted, a command the node does not serve,
+a release or a dropped connection in the middle of a data set. After each, the node must answer as
+the standard says, leave no temp file or row behind, and keep serving.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+
+from lungnode.config import Config, load_config
+from lungnode.node import ingest, pdu
+from lungnode.node.header import scan_header
+from lungnode.node.listener import ListenerWorker
+from lungnode.storage.db import Database
+from lungnode.storage.filestore import FileStore
+from lungnode.storage.models import Instance
+from lungnode.uids import IMPLEMENTATION_CLASS_UID
+from tests.node_process import free_port
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+class Running:
+    """A listener in this process and its storage."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        (root / "config.toml").write_text(f"""
+[node]
+ae_title = "LUNGNODE"
+bind = "127.0.0.1"
+port = {self.port}
+acse_timeout_s = 5.0
+[[node.peers]]
+ae_title = "PEER"
+host = "127.0.0.1"
+[storage]
+root = "{root / 'store'}"
+fsync = true
+[completion]
+quiet_period_s = 3600.0
+""")
+        self.config: Config = load_config(root / "config.toml")
+        self.store = FileStore(self.config.storage.root_path, fsync=True)
+        self.db = Database(self.config.storage.effective_database_url, create=True)
+        self.worker = ListenerWorker(self.config, self.db, self.store)
+
+    def instances(self) -> int:
+        with self.db.session() as session:
+            return int(session.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.store.tmp.iterdir())
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    node = Running(tmp_path)
+    node.worker.start()
+    yield node
+    node.worker.stop(5)
+    node.db.dispose()
+
+
+def echo(port: int) -> int:
+    """C-ECHO with pynetdicom; the status."""
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status)
+
+
+# ---------------------------------------------------------------------------- raw peer
+def associate_rq(contexts: list[tuple[int, str, list[str]]], *, window: bool = False) -> bytes:
+    """An A-ASSOCIATE-RQ from PEER to LUNGNODE, encoded by pynetdicom."""
+    rq = A_ASSOCIATE()
+    rq.application_context_name = pdu.APPLICATION_CONTEXT
+    rq.calling_ae_title, rq.called_ae_title = "PEER", "LUNGNODE"
+    items = []
+    for cid, abstract, syntaxes in contexts:
+        cx = build_context(abstract, syntaxes)
+        cx.context_id = cid
+        items.append(cx)
+    rq.presentation_context_definition_list = items
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    user: list[object] = [max_length]
+    if window:
+        item = AsynchronousOperationsWindowNegotiation()
+        item.maximum_number_operations_invoked = 5
+        item.maximum_number_operations_performed = 5
+        user.append(item)
+    rq.user_information = user  # type: ignore[assignment]
+    out = A_ASSOCIATE_RQ()
+    out.from_primitive(rq)
+    return bytes(out.encode())
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _recv(sock, 6)
+    pdu_type, length = struct.unpack(">BxI", header)
+    return pdu_type, header + _recv(sock, length)
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def command_set(**elements: object) -> bytes:
+    """A command set encoded by pydicom (implicit VR little endian, group length first)."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    body = fp.getvalue()
+    group = Dataset()
+    group.CommandGroupLength = len(body)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, group)
+    return bytes(fp.getvalue()) + bytes(body)
+
+
+def p_data(context_id: int, data: bytes, *, command: bool, last: bool = True) -> bytes:
+    control = (1 if command else 0) | (2 if last else 0)
+    return struct.pack(">BxIIBB", 4, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
+def open_association(port: int, contexts: list[tuple[int, str, list[str]]],
+                     window: bool = False) -> tuple[socket.socket, A_ASSOCIATE_AC]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(associate_rq(contexts, window=window))
+    pdu_type, raw = read_pdu(sock)
+    assert pdu_type == pdu.A_ASSOCIATE_AC_TYPE
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    return sock, ac
+
+
+# ---------------------------------------------------------------------------- tests
+def test_command_set_round_trip_with_pydicom() -> None:
+    raw = command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=7, Priority=0,
+                      CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4")
+    command = pdu.decode_command(raw)
+    assert (command.command_field, command.message_id, command.affected_sop_class,
+            command.affected_sop_instance, command.has_dataset) == (1, 7, CT, "1.2.3.4", True)
+    response = pydicom.filereader.read_dataset(io.BytesIO(pdu.encode_response(command, 0xA700, "disk full")),
+                                               True, True)
+    assert response.CommandGroupLength == len(pdu.encode_response(command, 0xA700, "disk full")) - 12
+    assert (response.CommandField, response.MessageIDBeingRespondedTo, response.Status,
+            response.ErrorComment, response.AffectedSOPInstanceUID, response.CommandDataSetType) == \
+        (0x8001, 7, 0xA700, "disk full", "1.2.3.4", 0x0101)
+    with pytest.raises(pdu.ProtocolError):
+        pdu.decode_command(raw[:-3])
+
+
+def test_p_data_respects_the_peer_maximum_pdu_length() -> None:
+    data = bytes(range(256)) * 40
+    wire = pdu.p_data_pdus(3, data, command=True, peer_max_pdu=4096)
+    offset, pieces, controls = 0, [], []
+    while offset < len(wire):
+        pdu_type, length = struct.unpack_from(">BxI", wire, offset)
+        assert pdu_type == 4 and length <= 4096
+        size, context_id, is_command, last = pdu.pdv_header(wire[offset + 6:offset + 12])
+        assert context_id == 3 and is_command
+        pieces.append(wire[offset + 12:offset + 12 + size])
+        controls.append(last)
+        offset += 6 + length
+    assert b"".join(pieces) == data and controls[-1] and not any(controls[:-1])
+
+
+def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path) -> None:
+    fast = 0
+    for path in sorted(shared_data.rglob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            stream = io.BytesIO(data)
+            reference = pydicom.dcmread(stream, stop_before_pixels=True)
+        except Exception:
+            continue
+        syntax = str(reference.file_meta.TransferSyntaxUID)
+        scanned = scan_header(data, syntax)
+        if scanned is None:
+            continue
+        fast += 1
+        ds, pixel_offset = scanned
+        for element in reference:
+            if element.VR == "SQ":
+                continue
+            assert element.tag in ds, (path, element.tag)
+            assert ds[element.tag].value == element.value, (path, element.tag)
+        pos = stream.tell()  # pydicom stops in front of the pixel data element
+        has_pixels = data[pos:pos + 4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+        assert pixel_offset == (pos if has_pixels else -1), path
+    assert fast >= 20, "the scanner should read most shared files itself"
+    one = next(iter(sorted((shared_data / "ct").rglob("*.dcm"))))
+    data = one.read_bytes()
+    syntax = str(pydicom.dcmread(one, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    assert scan_header(data, "1.2.840.10008.1.2.2") is None  # big endian: pydicom reads it
+    assert scan_header(data[:200], syntax) is None  # truncated inside the header
+
+
+def test_association_negotiation_and_echo(running: Running) -> None:
+    sock, ac = open_association(running.port, [(1, Verification, [IMPLICIT]),
+                                               (3, CT, ["1.2.840.10008.1.2.4.100"]),  # MPEG2: no
+                                               (5, "1.2.840.10008.5.1.4.1.1.4", [EXPLICIT])],  # MR: no
+                                window=True)
+    results = {cx.context_id: cx.result for cx in ac.presentation_context}
+    assert results == {1: 0, 3: 4, 5: 3}
+    user = ac.to_primitive().user_information
+    assert any(getattr(i, "implementation_class_uid", None) == IMPLEMENTATION_CLASS_UID for i in user)
+    windows = [i for i in user if isinstance(i, AsynchronousOperationsWindowNegotiation)]
+    assert windows and windows[0].maximum_number_operations_invoked == 1
+    sock.sendall(p_data(1, command_set(AffectedSOPClassUID=Verification, CommandField=0x0030,
+                                       MessageID=9, CommandDataSetType=0x0101), command=True))
+    pdu_type, raw = read_pdu(sock)
+    response = pydicom.filereader.read_dataset(io.BytesIO(raw[12:]), True, True)
+    assert pdu_type == 4 and (response.CommandField, response.Status,
+                              response.MessageIDBeingRespondedTo) == (0x8030, 0, 9)
+    sock.sendall(struct.pack(">BxI4x", 5, 4))  # A-RELEASE-RQ
+    assert read_pdu(sock)[0] == pdu.A_RELEASE_RP_TYPE
+    sock.close()
+
+
+def test_protocol_violations_get_an_abort_and_the_node_goes_on(running: Running) -> None:
+    # An unknown PDU type instead of the association request.
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BxI", 0x09, 4) + b"\0" * 4)
+        assert read_pdu(sock)[0] == pdu.A_ABORT_TYPE
+    # A PDV on a presentation context that was not accepted.
+    sock, _ac = open_association(running.port, [(1, CT, [EXPLICIT])])
+    sock.sendall(p_data(7, b"\0" * 8, command=True))
+    assert read_pdu(sock)[0] == pdu.A_ABORT_TYPE
+    sock.close()
+    # A C-FIND-RQ on a storage context: "unrecognized operation", the data set is dropped.
+    sock, _ac = open_association(running.port, [(1, CT, [EXPLICIT])])
+    sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0020, MessageID=2,
+                                       Priority=0, CommandDataSetType=0x0000), command=True))
+    sock.sendall(p_data(1, b"\x08\x00\x52\x00CS\x06\x00SERIES", command=False))
+    _pdu_type, raw = read_pdu(sock)
+    response = pydicom.filereader.read_dataset(io.BytesIO(raw[12:]), True, True)
+    assert (response.CommandField, response.Status) == (0x8020, 0x0211)
+    sock.close()
+    assert echo(running.port) == 0
+
+
+@pytest.mark.parametrize("ending", ["release", "drop"])
+def test_a_data_set_cut_short_leaves_nothing(running: Running, chest_ct_dir: Path, ending: str) -> None:
+    path = sorted(chest_ct_dir.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    body = bytes(fp.getvalue())
+    sock, _ac = open_association(running.port, [(1, CT, [EXPLICIT])])
+    sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1,
+                                       Priority=0, CommandDataSetType=0x0000,
+                                       AffectedSOPInstanceUID=str(ds.SOPInstanceUID)), command=True))
+    sock.sendall(p_data(1, body[:len(body) // 2], command=False, last=False))
+    if ending == "release":
+        sock.sendall(struct.pack(">BxI4x", 5, 4))
+        assert read_pdu(sock)[0] == pdu.A_RELEASE_RP_TYPE
+    sock.close()
+    assert echo(running.port) == 0  # the cut association has been served to its end by now
+    assert running.instances() == 0
+    assert running.temp_files() == []
+
+
+def test_large_instance_is_streamed_to_disk(running: Running, chest_ct_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the memory limit the data set goes to its temp file as it arrives; same outcome."""
+    monkeypatch.setattr(ingest, "MEMORY_COPY_LIMIT", 64 * 1024)
+    path = sorted(chest_ct_dir.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="PEER")
+    ae.add_requested_context(CTImageStorage, str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0
+    assert running.instances() == 1 and running.temp_files() == []
+    stored = next(running.store.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    back = pydicom.dcmread(stored)
+    assert back.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert back.file_meta.SourceApplicationEntityTitle.strip() == "PEER"
+    assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
