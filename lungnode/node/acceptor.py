@@ -22,7 +22,6 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Protocol
 
@@ -30,6 +29,7 @@ from pynetdicom.presentation import PresentationContext
 
 from lungnode.node import pdu
 from lungnode.node.pdu import AssociationRequest, Command, ProtocolError
+from lungnode.ops import metrics
 
 LOG = logging.getLogger(__name__)
 
@@ -234,7 +234,6 @@ class Acceptor:
                 sock = conn.sock = settings.ssl_context.wrap_socket(sock, server_side=True)
             except (OSError, ssl.SSLError) as exc:
                 LOG.warning("TLS handshake from %s failed: %s", conn.peer, exc)
-                from lungnode.ops import metrics
                 metrics.ASSOCIATIONS.labels(outcome="tls-failed").inc()
                 return
         reader: IO[bytes] = sock.makefile("rb", buffering=READ_BUFFER_BYTES)  # type: ignore[assignment]
@@ -311,7 +310,6 @@ class _DataPhase:
         self.command: Command | None = None
         self.command_context = 0
         self.sink: DatasetSink | None = None
-        self.finish: Callable[[], tuple[int, str]] | None = None
 
     def run(self) -> str:
         """Serve messages; the outcome: ``released`` or ``aborted``."""

@@ -237,7 +237,7 @@ class ReceivedDataset:
 
     def contents(self) -> bytes | mmap.mmap:
         """The whole file: from memory, or mapped (a spilled file, after :meth:`sync_spilled`)."""
-        if self.path is None or self._chunks:
+        if self._chunks:
             if len(self._chunks) != 1:
                 self._chunks = [b"".join(self._chunks)]
             return self._chunks[0]

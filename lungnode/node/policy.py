@@ -140,6 +140,7 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
     ParsedHeader or Refusal
         The header, or a 0xC000 refusal when it cannot be read.
     """
+    tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
     fast = scan_header(data, transfer_syntax)
     if fast is not None:
         ds, pos = fast
@@ -159,10 +160,8 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
                 _deflated_has_pixels(data)
             return ParsedHeader(ds, has_pixels)
         pos = stream.tell()
-        tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
         has_pixels = pos < len(data) and data[pos:pos + 4] in tags
     if has_pixels:
-        tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
         if transfer_syntax in _NATIVE:
             problem = check_native(data, pos, transfer_syntax)
         elif data[pos:pos + 4] == tags[0]:
