@@ -242,6 +242,7 @@ class ReceivedDataset:
                 self._chunks = [b"".join(self._chunks)]
             return self._chunks[0]
         if self._map is None:
+            assert self.path is not None, "contents of a released data set"
             with open(self.path, "rb") as fh:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
