@@ -16,9 +16,11 @@ the top-level elements it holds.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
@@ -46,7 +48,149 @@ class _UnsureError(Exception):
     """The scanner leaves this header to pydicom."""
 
 
-def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> tuple[Dataset, int] | None:
+class RawHeader:
+    """The top-level header elements of a received file, read in place (no pydicom objects).
+
+    Values are read on demand by keyword with pydicom's rules for the few VRs the ingest fields use
+    (text, UI, IS, DS, US); a read that could differ from pydicom's raises :class:`UnsureError`,
+    and the caller then reads the header with pydicom (:meth:`dataset`).
+
+    Parameters
+    ----------
+    data:
+        The received file (kept referenced; valid as long as the caller keeps it).
+    elements:
+        Tag → (explicit VR or None, value offset, value length).
+    implicit:
+        Implicit VR little endian.
+    pixel_offset:
+        Offset of the pixel data element, -1 when there is none.
+    """
+
+    __slots__ = ("_data", "_elements", "_encoding", "implicit", "pixel_offset")
+
+    def __init__(self, data: bytes | mmap.mmap, elements: dict[int, tuple[str | None, int, int]],
+                 implicit: bool, pixel_offset: int) -> None:
+        self._data = data
+        self._elements = elements
+        self.implicit = implicit
+        self.pixel_offset = pixel_offset
+        self._encoding: str | None = None
+
+    def __contains__(self, tag: int) -> bool:
+        return tag in self._elements
+
+    def has_group(self, group: int) -> bool:
+        """Whether any top-level element of ``group`` is present."""
+        return any((tag >> 16) == group for tag in self._elements)
+
+    def dataset(self) -> Dataset:
+        """The same elements as a pydicom data set (values converted lazily by pydicom)."""
+        data, implicit = self._data, self.implicit
+        out: dict[BaseTag, DataElement | RawDataElement] = {}
+        for tag, (vr, offset, length) in self._elements.items():
+            key = Tag(tag)
+            out[key] = RawDataElement(key, vr, length, bytes(data[offset:offset + length]), offset,
+                                      implicit, True, True, False)
+        return Dataset(out)
+
+    # ---------------------------------------------------------------- values, pydicom's reading
+    def text(self, keyword: str) -> str:
+        """The value as pydicom's ``str`` of it, multiple values joined with ``\\``; "" if absent."""
+        raw = self._raw(keyword, _TEXT_VRS)
+        if raw is None:
+            return ""
+        if raw.isascii() and b"\x1b" not in raw:
+            value = raw.decode("ascii")
+        else:
+            try:
+                value = raw.decode(self._text_encoding())
+            except UnicodeDecodeError:
+                raise UnsureError from None
+        value = value.rstrip("\x00 ")
+        vr = _dictionary_vr(keyword)
+        if vr == "UI":
+            return value.strip()
+        if vr in ("DS", "IS") and value:  # pydicom keeps each number's text, stripped
+            parts = [part.strip() for part in value.split("\\")]
+            for part in parts:
+                _float_text(part)
+            return "\\".join(parts)
+        return value
+
+    def integer(self, keyword: str) -> int | None:
+        """An IS or US value as an int; None when absent or empty."""
+        if _dictionary_vr(keyword) == "US":
+            raw = self._raw(keyword, frozenset({"US"}))
+            if raw is None or not raw:
+                return None
+            if len(raw) != 2:
+                raise UnsureError
+            return int(_U16.unpack(raw)[0])
+        value = self.text(keyword)
+        if not value:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise UnsureError from None
+
+    def number(self, keyword: str) -> float | None:
+        """A DS value as a float; None when absent or empty."""
+        value = self.text(keyword)
+        return _float_text(value) if value else None
+
+    def _raw(self, keyword: str, vrs: frozenset[str]) -> bytes | None:
+        tag = _tag(keyword)
+        found = self._elements.get(tag)
+        if found is None:
+            return None
+        vr, offset, length = found
+        expected = _dictionary_vr(keyword)
+        if expected not in vrs or (vr is not None and vr != expected):
+            raise UnsureError
+        return bytes(self._data[offset:offset + length])
+
+    def _text_encoding(self) -> str:
+        if self._encoding is None:
+            raw = self._raw("SpecificCharacterSet", _TEXT_VRS)
+            name = "" if raw is None else raw.decode("ascii", "replace").strip("\x00 ")
+            if name not in _ENCODINGS:
+                raise UnsureError
+            self._encoding = _ENCODINGS[name]
+        return self._encoding
+
+
+class UnsureError(ValueError):
+    """A value that the fast reader leaves to pydicom."""
+
+
+#: Specific Character Set values read here (others go to pydicom); no value means pydicom's default.
+_ENCODINGS = {"": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+
+
+@functools.cache
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return int(tag)
+
+
+@functools.cache
+def _dictionary_vr(keyword: str) -> str:
+    return str(dictionary_VR(_tag(keyword)))
+
+
+def _float_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UnsureError from None
+
+
+def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | None:
     """Read the top-level header of a received file (preamble, meta, data set).
 
     Parameters
@@ -58,17 +202,16 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> tuple[Dataset,
 
     Returns
     -------
-    (Dataset, int) or None
-        The header (top-level elements before the pixel data, but for undefined-length sequences)
-        and the offset
-        of the pixel data element (-1 when there is none); ``None`` when pydicom should read it.
+    RawHeader or None
+        The header (top-level elements before the pixel data, but for undefined-length
+        sequences) and the offset of the pixel data element; ``None`` when pydicom should read it.
     """
     if transfer_syntax in (_DEFLATED, _BIG_ENDIAN):
         return None
     implicit = transfer_syntax == _IMPLICIT_VR_LE
     try:
         offset = _dataset_offset(data)
-        elements: dict[BaseTag, DataElement | RawDataElement] = {}
+        elements: dict[int, tuple[str | None, int, int]] = {}
         end = len(data)
         pixel_offset = -1
         while offset < end:
@@ -86,14 +229,13 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> tuple[Dataset,
                 continue
             if offset + length > end:
                 raise _UnsureError
-            elements[Tag(tag)] = RawDataElement(Tag(tag), vr, length, bytes(data[offset:offset + length]),
-                                           offset, implicit, True, True, False)
+            elements[tag] = (vr, offset, length)
             offset += length
     except (_UnsureError, struct.error):
         return None
     if not elements:
         return None
-    return Dataset(elements), pixel_offset
+    return RawHeader(data, elements, implicit, pixel_offset)
 
 
 def _dataset_offset(data: bytes | mmap.mmap) -> int:

@@ -38,7 +38,7 @@ from lungnode.node.policy import (
     parse_header,
 )
 from lungnode.ops import metrics
-from lungnode.storage.catalog import Catalog, Filed, Incoming, InstanceFields, header_fields
+from lungnode.storage.catalog import Catalog, Filed, Incoming, InstanceFields
 from lungnode.storage.filestore import DiskFullError, FileStore
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
 
@@ -400,7 +400,7 @@ class StoreHandler:
         refusal = check_instance(header, affected_class, affected_instance)
         if refusal:
             return refusal
-        return header_fields(header.dataset)
+        return header.fields
 
     def close(self) -> None:
         """Stop the helper threads (after the last association ended)."""

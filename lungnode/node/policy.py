@@ -24,6 +24,7 @@ the inference reader, which reports undecodable series as a permanent job failur
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import struct
@@ -33,7 +34,9 @@ from typing import BinaryIO
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 
-from lungnode.node.header import scan_header
+from lungnode.node.header import UnsureError, scan_header
+from lungnode.provenance import PRIVATE_GROUP
+from lungnode.storage.fields import InstanceFields, fields_from, header_fields
 from lungnode.uids import is_valid_uid
 
 #: Storage SOP classes accepted as SCP (abstract syntax UID → name).
@@ -119,13 +122,18 @@ class Refusal:
 class ParsedHeader:
     """A received instance's header, parsed without pixel data."""
 
-    dataset: Dataset
+    #: The row values read from the header (UIDs not validated yet: see :func:`check_instance`).
+    fields: InstanceFields
     #: Whether a pixel data element follows the header in the received bytes.
     has_pixel_data: bool
 
 
 def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader | Refusal:
     """Parse the header of a received instance (preamble + meta + dataset) without pixel data.
+
+    The in-place reader (:func:`lungnode.node.header.scan_header`) reads the fields of most
+    headers; pydicom reads the rest (big endian, deflate, functional groups, our own outputs'
+    private block, character sets or values the reader is not sure of) with the same result.
 
     Parameters
     ----------
@@ -141,10 +149,17 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
         The header, or a 0xC000 refusal when it cannot be read.
     """
     tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
-    fast = scan_header(data, transfer_syntax)
-    if fast is not None:
-        ds, pos = fast
+    fields: InstanceFields | None = None
+    ds: Dataset | None = None
+    raw = scan_header(data, transfer_syntax)
+    if raw is not None:
+        pos = raw.pixel_offset
         has_pixels = pos >= 0
+        if not raw.has_group(PRIVATE_GROUP):
+            with contextlib.suppress(UnsureError):
+                fields = fields_from(raw)
+        if fields is None:
+            ds = raw.dataset()
     else:
         stream: BinaryIO = data if isinstance(data, mmap.mmap) else io.BytesIO(data)  # type: ignore[assignment]
         stream.seek(0)
@@ -154,14 +169,14 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
             return Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable header: {type(exc).__name__}")
         if len(ds) == 0:
             return Refusal(STATUS_CANNOT_UNDERSTAND, "empty data set")
+        pos = stream.tell()
         if transfer_syntax == _DEFLATED:
             # The stream position is inside the inflated copy; look for pixel data the slow way.
             has_pixels = any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or \
                 _deflated_has_pixels(data)
-            return ParsedHeader(ds, has_pixels)
-        pos = stream.tell()
-        has_pixels = pos < len(data) and data[pos:pos + 4] in tags
-    if has_pixels:
+        else:
+            has_pixels = pos < len(data) and data[pos:pos + 4] in tags
+    if has_pixels and transfer_syntax != _DEFLATED:
         if transfer_syntax in _NATIVE:
             problem = check_native(data, pos, transfer_syntax)
         elif data[pos:pos + 4] == tags[0]:
@@ -170,7 +185,13 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
             problem = ""
         if problem:
             return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
-    return ParsedHeader(ds, has_pixels)
+    if fields is None:
+        assert ds is not None
+        try:
+            fields = header_fields(ds)
+        except Exception as exc:  # a value pydicom cannot convert
+            return Refusal(STATUS_CANNOT_UNDERSTAND, f"unreadable header value: {type(exc).__name__}")
+    return ParsedHeader(fields, has_pixels)
 
 
 def check_native(data: bytes | mmap.mmap, pos: int, transfer_syntax: str) -> str:
@@ -251,16 +272,16 @@ def check_instance(header: ParsedHeader, affected_sop_class: str,
         A 0xA900 refusal (the data set does not match its SOP class: bad or empty UIDs, a
         different SOP class or instance, image without pixel data), or ``None`` when acceptable.
     """
-    ds = header.dataset
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = ds.get(keyword, "")
-        value = str(value) if value is not None else ""
+    f = header.fields
+    uids = (("SOPClassUID", f.instance["sop_class_uid"]), ("SOPInstanceUID", f.instance["sop_instance_uid"]),
+            ("StudyInstanceUID", f.study["study_uid"]), ("SeriesInstanceUID", f.series["series_uid"]))
+    for keyword, value in uids:
         if not is_valid_uid(value):
             what = "empty" if not value else "not a valid UID"
             return Refusal(STATUS_DOES_NOT_MATCH, f"{keyword} is {what}")
-    if str(ds.SOPClassUID) != affected_sop_class:
+    if f.instance["sop_class_uid"] != affected_sop_class:
         return Refusal(STATUS_DOES_NOT_MATCH, "SOPClassUID differs from the affected SOP class")
-    if str(ds.SOPInstanceUID) != affected_sop_instance:
+    if f.instance["sop_instance_uid"] != affected_sop_instance:
         return Refusal(STATUS_DOES_NOT_MATCH, "SOPInstanceUID differs from the affected instance")
     if affected_sop_class in PIXEL_SOP_CLASSES and not header.has_pixel_data:
         return Refusal(STATUS_DOES_NOT_MATCH, "image without pixel data")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom import AE
@@ -33,9 +33,10 @@ from sqlalchemy import func, select
 
 from lungnode.config import Config, load_config
 from lungnode.node import ingest, pdu
-from lungnode.node.header import scan_header
+from lungnode.node.header import RawHeader, UnsureError, scan_header
 from lungnode.node.listener import ListenerWorker
 from lungnode.storage.db import Database
+from lungnode.storage.fields import fields_from, header_fields
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Instance
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
@@ -207,7 +208,7 @@ def test_p_data_respects_the_peer_maximum_pdu_length() -> None:
 
 
 def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path) -> None:
-    fast = 0
+    fast = fields_read = 0
     for path in sorted(shared_data.rglob("*.dcm")):
         data = path.read_bytes()
         try:
@@ -216,11 +217,11 @@ def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path) -
         except Exception:
             continue
         syntax = str(reference.file_meta.TransferSyntaxUID)
-        scanned = scan_header(data, syntax)
-        if scanned is None:
+        raw = scan_header(data, syntax)
+        if raw is None:
             continue
         fast += 1
-        ds, pixel_offset = scanned
+        ds = raw.dataset()
         for element in reference:
             if element.VR == "SQ":
                 continue
@@ -228,13 +229,61 @@ def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path) -
             assert ds[element.tag].value == element.value, (path, element.tag)
         pos = stream.tell()  # pydicom stops in front of the pixel data element
         has_pixels = data[pos:pos + 4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
-        assert pixel_offset == (pos if has_pixels else -1), path
+        assert raw.pixel_offset == (pos if has_pixels else -1), path
+        # The row values read in place equal pydicom's reading, or the reader leaves them to pydicom.
+        try:
+            fields = fields_from(raw)
+        except UnsureError:
+            continue
+        fields_read += 1
+        expected = header_fields(reference)
+        assert (fields.patient, fields.study, fields.series, fields.instance) == \
+            (expected.patient, expected.study, expected.series, expected.instance), path
     assert fast >= 20, "the scanner should read most shared files itself"
+    assert fields_read >= fast - 3, "the in-place reader should read the fields of most headers"
     one = next(iter(sorted((shared_data / "ct").rglob("*.dcm"))))
     data = one.read_bytes()
     syntax = str(pydicom.dcmread(one, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     assert scan_header(data, "1.2.840.10008.1.2.2") is None  # big endian: pydicom reads it
     assert scan_header(data[:200], syntax) is None  # truncated inside the header
+
+
+def test_in_place_reader_follows_pydicom_on_odd_values() -> None:
+    """Values the in-place reader must read like pydicom, or leave to it (UnsureError): an IS
+    that is not an integer, an ISO 2022 character set, an explicit VR other than the dictionary's."""
+    def header(elements: list[tuple[str, str, str | bytes]], charset: str = "") -> RawHeader:
+        ds = Dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        for keyword, vr, value in elements:
+            ds.add_new(keyword, vr, value)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = EXPLICIT
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        raw = scan_header(buffer.getvalue(), EXPLICIT)
+        assert raw is not None
+        return raw
+
+    raw = header([("SeriesNumber", "IS", " 7 "), ("InstanceNumber", "IS", ""),
+                  ("ImagePositionPatient", "DS", ["-1.50 ", " 2", "3e1"]),
+                  ("ImageType", "CS", ["ORIGINAL ", "PRIMARY"]), ("StudyInstanceUID", "UI", "1.2.3"),
+                  ("PatientName", "PN", "M\u00fcller^Hans"), ("Rows", "US", 512)], "ISO_IR 100")
+    assert raw.integer("SeriesNumber") == 7 and raw.integer("InstanceNumber") is None
+    assert raw.text("ImagePositionPatient") == "-1.50\\2\\3e1"
+    assert raw.text("ImageType") == "ORIGINAL \\PRIMARY"
+    assert raw.text("StudyInstanceUID") == "1.2.3" and raw.integer("Rows") == 512
+    assert raw.text("PatientName") == "M\u00fcller^Hans" and raw.text("AccessionNumber") == ""
+    utf8 = header([("PatientName", "PN", "\u5c71\u7530^\u592a\u90ce")], "ISO_IR 192")
+    assert utf8.text("PatientName") == "\u5c71\u7530^\u592a\u90ce"
+    for unsure, keyword in ((header([("SeriesNumber", "IS", "3.0")]), "SeriesNumber"),
+                            (header([("PatientName", "PN", "\u5c71\u7530")], "ISO 2022 IR 87"),
+                             "PatientName"),
+                            (header([("PatientID", "SH", "X1")]), "PatientID")):
+        with pytest.raises(UnsureError):
+            unsure.integer(keyword) if keyword == "SeriesNumber" else unsure.text(keyword)
 
 
 def test_association_negotiation_and_echo(running: Running) -> None:
