@@ -229,6 +229,7 @@ class ListenerWorker:
             self._finish(stats, "aborted-shutdown")
         self.handler.close()
         self.writer.stop()
+        self.catalog.close()
         self.acceptor = None
 
 

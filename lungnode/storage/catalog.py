@@ -3,24 +3,28 @@
 :class:`Catalog` owns every write the listener makes to the database:
 
 * :meth:`Catalog.commit_batch` files a batch of received instances (temp files already written and
-  fsync'd) in ONE transaction: patient/study/series upserts, the instance row (a new version when
-  the SOP Instance UID is known with other bytes; nothing when the bytes are identical), the
-  series' completion timer (``last_received_at``, ``completion_due_at``, back to ``receiving``),
-  then renames the files into place, then commits. A file is renamed before its row commits, so a
-  row never exists without its file; a crash between rename and commit leaves a file without a
-  row, which :meth:`Catalog.reconcile` indexes at the next start.
+  fsync'd) in ONE transaction on the catalog's own connection (Core statements, no ORM session):
+  patient/study/series upserts, the instance row (a new version when the SOP Instance UID is
+  known with other bytes; nothing when the bytes are identical), the series' completion timer
+  (``last_received_at``, ``completion_due_at``, back to ``receiving``), then renames the files
+  into place, then commits. A file is renamed before its row commits, so a row never exists
+  without its file; a crash between rename and commit leaves a file without a row, which
+  :meth:`Catalog.reconcile` indexes at the next start. When one item of a batch fails, the others
+  are filed one per transaction.
 * association rows (start, end, rejected) and the matching audit events;
 * :meth:`Catalog.status_counts` for ``lungnode status``.
 
-Header fields are taken from a pydicom header (:func:`lungnode.storage.fields.header_fields`, re-exported
-here), never from pixel data.
+Header fields come from :mod:`lungnode.storage.fields` (``header_fields`` is re-exported here),
+never from pixel data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ from typing import Any
 from pydicom.filereader import dcmread
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from lungnode.ops.audit import record_event
@@ -72,6 +77,14 @@ class Incoming:
     received_at: dt.datetime = field(default_factory=utcnow)
 
 
+class _ItemError(Exception):
+    """An item of a batch failed before any file moved; ``cause`` is why."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class Filed:
     """How an instance was filed: ``stored`` (new), ``version`` (same UID, other bytes) or
@@ -102,10 +115,19 @@ class Catalog:
         self._insert: Any = sqlite.insert if db.is_sqlite else postgresql.insert
         #: series UID → primary key of series this process has written (skips the upserts).
         self._series_pk: dict[str, int] = {}
+        #: The ingest batches' connection, opened on first use (see :meth:`commit_batch`), and the
+        #: lock that lets one batch at a time use it.
+        self._conn: Connection | None = None
+        self._batch_lock = threading.Lock()
 
     # ------------------------------------------------------------------ instances
     def commit_batch(self, batch: Sequence[Incoming]) -> list[Filed | BaseException]:
         """File a batch of received instances in one transaction (see the module docstring).
+
+        The batch is filed in one go on the catalog's own connection (one batch at a time per
+        catalog; each listener process has its own). When an item fails before
+        any file was moved, the transaction is rolled back and the items are filed one per
+        transaction, so one bad item does not fail the others.
 
         Returns
         -------
@@ -113,61 +135,106 @@ class Catalog:
             Per item, a :class:`Filed` (durable: safe to acknowledge) or the exception that
             refused it. Temp files of refused and duplicate items are removed.
         """
-        results: list[Filed | BaseException] = [RuntimeError("not filed")] * len(batch)
+        results: list[Filed | BaseException]
+        with self._batch_lock:
+            results = self._commit_all(batch)
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                LOG.warning("instance could not be filed: %s", type(result).__name__)
+                LOG.debug("filing error", exc_info=result)
+            if isinstance(result, BaseException) or result.outcome == "duplicate":
+                item.temp_path.unlink(missing_ok=True)
+        return results
+
+    def _commit_all(self, batch: Sequence[Incoming]) -> list[Filed | BaseException]:
+        results: list[Filed | BaseException]
+        try:
+            results = list(self._commit(batch))
+        except _ItemError as exc:
+            if len(batch) == 1:
+                results = [exc.cause]
+            else:
+                results = []
+                for item in batch:
+                    try:
+                        results.extend(self._commit([item]))
+                    except _ItemError as one:
+                        results.append(one.cause)
+                    except BaseException as one:
+                        results.append(one)
+        except BaseException as exc:
+            results = [exc] * len(batch)
+        return results
+
+    def _commit(self, batch: Sequence[Incoming]) -> list[Filed]:
+        """File ``batch`` in one transaction: rows, renames, folder fsyncs, commit.
+
+        Raises :class:`_ItemError` when an item fails before any file moved (nothing changed).
+        """
+        conn = self._connection()
         moves_done = False
         try:
-            with self.db.session() as session:
+            with conn.begin():
                 if not self.db.is_sqlite:
                     for uid in sorted({item.fields.instance["sop_instance_uid"] for item in batch}):
-                        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:u))"), {"u": uid})
-                moves: list[tuple[int, Path, str]] = []
-                for i, item in enumerate(batch):
+                        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:u))"), {"u": uid})
+                filed: list[Filed] = []
+                for item in batch:
                     try:
-                        if len(batch) == 1:  # no savepoint needed: a failure fails the transaction
-                            filed = self._file_one(session, item)
-                        else:
-                            with session.begin_nested():
-                                filed = self._file_one(session, item)
-                        results[i] = filed
-                        if filed.outcome != "duplicate":
-                            moves.append((i, item.temp_path, filed.relpath))
+                        filed.append(self._file_one(conn, item))
                     except Exception as exc:
-                        LOG.warning("instance could not be filed: %s", type(exc).__name__)
-                        LOG.debug("filing error", exc_info=True)
-                        results[i] = exc
+                        raise _ItemError(exc) from exc
                 folders: set[Path] = set()
-                for _i, temp, relpath in moves:
+                for item, outcome in zip(batch, filed, strict=True):
+                    if outcome.outcome == "duplicate":
+                        continue
                     moves_done = True
-                    final = self.store.path(relpath)
+                    final = self.store.path(outcome.relpath)
                     if not final.parent.is_dir():
-                        self.store.commit_temp(temp, relpath)  # creates and fsyncs new folders
+                        self.store.commit_temp(item.temp_path, outcome.relpath)  # new folders fsync'd
                     else:
-                        os.replace(temp, final)
+                        os.replace(item.temp_path, final)
                         folders.add(final.parent)
                 if self.store.fsync:
                     for folder in folders:  # one fsync per folder and batch makes the renames durable
                         fsync_dir(folder)
                 # commit happens when the block exits: rows after their files.
+            return filed
+        except _ItemError:
+            self._drop_connection()
+            raise
         except BaseException as exc:
-            # Nothing was committed: fail every item; files already renamed have no rows (indexed at
-            # start or overwritten by the sender's retry), temp files are removed below.
+            self._drop_connection()
+            # Nothing was committed: files already renamed have no rows (indexed at start or
+            # overwritten by the sender's retry); the caller removes the temp files.
             LOG.error("batch of %d instance(s) not committed: %s", len(batch), exc)
-            results = [exc] * len(batch)
             if moves_done:
                 try:  # make the next start scan for files without rows even after a clean stop
                     (self.store.root / RECONCILE_NEEDED_MARKER).touch()
                 except OSError:
                     LOG.exception("could not write %s", RECONCILE_NEEDED_MARKER)
-        for i, item in enumerate(batch):
-            if isinstance(results[i], BaseException) or \
-                    (isinstance(results[i], Filed) and results[i].outcome == "duplicate"):  # type: ignore[union-attr]
-                item.temp_path.unlink(missing_ok=True)
-        return results
+            raise
 
-    def _file_one(self, session: Session, item: Incoming, *, existing_path: str = "") -> Filed:
+    def _connection(self) -> Connection:
+        """The connection the ingest batches use (one writer at a time: the group-commit leader)."""
+        if self._conn is None:
+            self._conn = self.db.engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        """Close the ingest connection (after the last batch)."""
+        with self._batch_lock:
+            self._drop_connection()
+
+    def _file_one(self, conn: Connection, item: Incoming, *, existing_path: str = "") -> Filed:
         f = item.fields
         sop_uid = f.instance["sop_instance_uid"]
-        conn = session.connection()  # Core statements (ingest_sql) in the session's transaction
         rows = ingest_sql.versions(conn, sop_uid)
         for row in rows:
             if row.sha256 == item.sha256:
@@ -176,7 +243,7 @@ class Catalog:
         relpath = self.store.instance_relpath(f.study["study_uid"], f.series["series_uid"], sop_uid, version)
         if existing_path and existing_path != relpath:
             raise ValueError(f"file {existing_path} does not match its header (expected {relpath})")
-        series_pk = self._upsert_series(session, f, item.received_at)
+        series_pk = self._upsert_series(conn, f, item.received_at)
         if rows:
             conn.execute(ingest_sql.CLEAR_CURRENT, {"b_sop": sop_uid})
         conn.execute(ingest_sql.INSERT_INSTANCE, {
@@ -187,13 +254,15 @@ class Catalog:
         if version > 1:
             LOG.warning("SOP instance received again with different bytes: stored as version %d "
                         "(association %s)", version, item.association_id)
-            record_event(session, "instance_version", ae_title=item.calling_ae,
-                         study_uid=f.study["study_uid"], series_uid=f.series["series_uid"],
-                         sop_instance_uid=sop_uid, version=version,
-                         association_id=item.association_id)
+            with Session(bind=conn) as session:  # joins the connection's transaction
+                record_event(session, "instance_version", ae_title=item.calling_ae,
+                             study_uid=f.study["study_uid"], series_uid=f.series["series_uid"],
+                             sop_instance_uid=sop_uid, version=version,
+                             association_id=item.association_id)
+                session.flush()
         return Filed("version" if version > 1 else "stored", version, relpath)
 
-    def _upsert_series(self, session: Session, f: InstanceFields, now: dt.datetime) -> int:
+    def _upsert_series(self, conn: Connection, f: InstanceFields, now: dt.datetime) -> int:
         due = now + self.quiet
         values: dict[str, Any] = {"last_received_at": now, "completion_due_at": due,
                                   "state": "receiving"}
@@ -203,25 +272,25 @@ class Catalog:
         cached = self._series_pk.get(series_uid)
         if cached is not None:
             # Known series: one UPDATE (timer, state) instead of the patient/study/series upserts.
-            pk = ingest_sql.touch_series(session.connection(), values, pk=cached)
+            pk = ingest_sql.touch_series(conn, values, pk=cached)
             if pk is not None:
                 return pk
             self._series_pk.pop(series_uid, None)  # deleted meanwhile (retention)
         ins = self._insert
-        session.execute(ins(Patient).values(**f.patient)
-                        .on_conflict_do_nothing(index_elements=["patient_id", "issuer"]))
-        patient_pk = session.execute(select(Patient.id).where(
+        conn.execute(ins(Patient).values(**f.patient)
+                     .on_conflict_do_nothing(index_elements=["patient_id", "issuer"]))
+        patient_pk = conn.execute(select(Patient.id).where(
             Patient.patient_id == f.patient["patient_id"],
             Patient.issuer == f.patient["issuer"])).scalar_one()
-        session.execute(ins(Study).values(patient_pk=patient_pk, **f.study)
-                        .on_conflict_do_nothing(index_elements=["study_uid"]))
-        study_pk = session.execute(select(Study.id).where(
+        conn.execute(ins(Study).values(patient_pk=patient_pk, **f.study)
+                     .on_conflict_do_nothing(index_elements=["study_uid"]))
+        study_pk = conn.execute(select(Study.id).where(
             Study.study_uid == f.study["study_uid"])).scalar_one()
-        session.execute(ins(Series).values(study_pk=study_pk, own_output=f.own_output,
-                                           state="receiving", first_received_at=now,
-                                           last_received_at=now, completion_due_at=due, **f.series)
-                        .on_conflict_do_nothing(index_elements=["series_uid"]))
-        series_pk = ingest_sql.touch_series(session.connection(), values, series_uid=series_uid)
+        conn.execute(ins(Series).values(study_pk=study_pk, own_output=f.own_output,
+                                        state="receiving", first_received_at=now,
+                                        last_received_at=now, completion_due_at=due, **f.series)
+                     .on_conflict_do_nothing(index_elements=["series_uid"]))
+        series_pk = ingest_sql.touch_series(conn, values, series_uid=series_uid)
         assert series_pk is not None  # inserted above if it was missing
         if len(self._series_pk) > 10_000:
             self._series_pk.clear()
@@ -355,8 +424,8 @@ class Catalog:
             item = Incoming(fields=fields, temp_path=file, sha256=hashlib.sha256(data).hexdigest(),
                             size=len(data), transfer_syntax_uid=ts, association_id="recovered",
                             received_at=dt.datetime.fromtimestamp(file.stat().st_mtime, dt.UTC))
-            with self.db.session() as session:
-                filed = self._file_one(session, item, existing_path=relpath)
+            with self.db.engine.connect() as conn, conn.begin():
+                filed = self._file_one(conn, item, existing_path=relpath)
             if filed.outcome == "duplicate":
                 raise ValueError("identical bytes already stored under another path")
             return True

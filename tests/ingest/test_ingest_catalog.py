@@ -13,10 +13,12 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from lungnode.ops.audit import read_events
 from lungnode.storage.catalog import CLEAN_SHUTDOWN_MARKER, Catalog, Filed, Incoming, header_fields
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Instance, Series
+from lungnode.uids import InvalidUIDError
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -65,29 +67,49 @@ def test_batch_duplicate_and_version(catalog: Catalog, chest_ct_dir: Path) -> No
     counts = catalog.status_counts()
     assert counts["instances"] == 3 and counts["instance_files"] == 4 and counts["studies"] == 1
     assert counts["series"] == {"receiving": 1}
+    with catalog.db.session() as session:
+        (event,) = read_events(session, event="instance_version")
+        assert event.details["version"] == 2
+
+
+def test_one_bad_item_does_not_fail_its_batch(catalog: Catalog, chest_ct_dir: Path) -> None:
+    files = sorted(chest_ct_dir.glob("*.dcm"))[:3]
+    batch = [_incoming(catalog, f) for f in files]
+    batch[1].fields.series["series_uid"] = "1.2..3"  # not a UID: refused before it becomes a path
+    results = catalog.commit_batch(batch)
+    assert isinstance(results[1], InvalidUIDError)
+    assert [r.outcome for r in results if isinstance(r, Filed)] == ["stored", "stored"]
+    assert list(catalog.store.tmp.iterdir()) == []  # the refused item's temp file is gone
+    with catalog.db.session() as session:
+        assert len(list(session.execute(select(Instance)).scalars())) == 2
 
 
 def test_concurrent_versions_do_not_collide(catalog: Catalog, chest_ct_dir: Path) -> None:
+    """Two writers (as in two listener processes, each with its own catalog) and two threads on
+    one catalog file versions of the same SOP instance at the same time."""
     src = sorted(chest_ct_dir.glob("*.dcm"))[0]
-    items = [_incoming(catalog, src, {"SeriesDescription": f"variant {i}"}) for i in range(6)]
+    items = [_incoming(catalog, src, {"SeriesDescription": f"variant {i}"}) for i in range(9)]
     results: list[Filed | BaseException] = []
     lock = threading.Lock()
+    other = Catalog(catalog.db, catalog.store, quiet_period_s=30.0)
 
-    def run(chunk: list[Incoming]) -> None:
-        out = catalog.commit_batch(chunk)
+    def run(writer: Catalog, chunk: list[Incoming]) -> None:
+        out = writer.commit_batch(chunk)
         with lock:
             results.extend(out)
 
-    threads = [threading.Thread(target=run, args=(items[i::2],)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(writer, items[i::3]))
+               for i, writer in enumerate((catalog, other, catalog))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert all(isinstance(r, Filed) for r in results), results
-    assert sorted(r.version for r in results if isinstance(r, Filed)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(r.version for r in results if isinstance(r, Filed)) == list(range(1, 10))
+    other.close()
     with catalog.db.session() as session:
         current = list(session.execute(select(Instance).where(Instance.current.is_(True))).scalars())
-        assert len(current) == 1 and current[0].version == 6
+        assert len(current) == 1 and current[0].version == 9
 
 
 def test_reconcile_indexes_orphans_and_deletes_garbage(catalog: Catalog, chest_ct_dir: Path) -> None:
