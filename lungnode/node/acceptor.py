@@ -134,6 +134,7 @@ class Acceptor:
     def __init__(self, settings: AcceptorSettings, hooks: AcceptorHooks) -> None:
         self.settings = settings
         self.hooks = hooks
+        self.negotiator = pdu.Negotiator(settings.contexts, max_pdu=settings.max_pdu)
         self._server: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
@@ -250,7 +251,7 @@ class Acceptor:
                     conn.send(pdu.associate_rj(*rejection))
                     sock.shutdown(socket.SHUT_WR)
                 return
-            negotiated = pdu.negotiate(request, settings.contexts, max_pdu=settings.max_pdu)
+            negotiated = self.negotiator.negotiate(request)
             token = self.hooks.accepted(request, conn.peer)
             outcome = "aborted"
             try:
@@ -275,7 +276,7 @@ class Acceptor:
                 with contextlib.suppress(OSError):
                     conn.send(pdu.abort_pdu(reason=pdu.ABORT_REASON_UNEXPECTED_PDU))
                 return None
-            return pdu.decode_associate_rq(header + _read_exact(reader, length))
+            return self.negotiator.decode(header + _read_exact(reader, length))
         except ProtocolError as exc:
             LOG.warning("connection from %s: %s", conn.peer, exc)
             with contextlib.suppress(OSError):

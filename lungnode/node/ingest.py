@@ -3,14 +3,14 @@
 Per C-STORE (in the association's thread, called by :mod:`lungnode.node.acceptor`): when the
 command arrives, check that its SOP class is the context's and that the disk is above the
 watermark, and start a :class:`ReceivedDataset` (preamble + file meta + the data set bytes as
-sent; no decoding). When the last fragment arrived, a helper thread writes the bytes to a temp
-file with ``O_SYNC`` and hashes them while this thread reads the header
-(:func:`lungnode.node.policy.parse_header`, fast path :mod:`lungnode.node.header`) and checks it
-(the temp file of a refused instance is removed), then hands the instance to the
-:class:`GroupCommitWriter` and waits. The writer files every instance waiting at that moment in
-one transaction (:meth:`Catalog.commit_batch` renames the files into place before the commit), so
-one database commit serves several associations and success is only answered after both file and
-row are durable. The writer has no thread: the first waiting handler leads the batch (see
+sent; no decoding), which writes each fragment to a temp file and hashes it as it arrives. When
+the last fragment arrived, read the header (:func:`lungnode.node.policy.parse_header`, fast path
+:mod:`lungnode.node.header`) and check it (the temp file of a refused instance is removed),
+``fdatasync`` the temp file, then hand the instance to the :class:`GroupCommitWriter` and wait.
+The writer files every instance waiting at that moment in one transaction
+(:meth:`Catalog.commit_batch` renames the files into place before the commit), so one database
+commit serves several associations and success is only answered after both file and row are
+durable. The writer has no thread: the first waiting handler leads the batch (see
 :class:`GroupCommitWriter`).
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from lungnode.uids import IMPLEMENTATION_CLASS_UID
 
 LOG = logging.getLogger(__name__)
 
-#: Instances up to this size are kept in memory for the header checks while their file is synced.
+#: Instances up to this size are also kept in memory for the header checks (larger: ``mmap``).
 MEMORY_COPY_LIMIT = 64 << 20
 
 
@@ -168,88 +167,73 @@ class RefusedSink:
 
 
 class ReceivedDataset:
-    """A C-STORE data set as it arrives: in memory, spilled to a temp file when it grows large.
+    """A C-STORE data set as it arrives, written to its temp file piece by piece.
 
     The bytes are the file to be stored: preamble and file meta information, then the data set
-    as sent. Up to :data:`MEMORY_COPY_LIMIT` they stay in memory, and :meth:`StoreHandler.finish`
-    writes them to a temp file with one ``O_SYNC`` write in a helper thread while the header is
-    checked; a larger instance is streamed into a temp file as it arrives (memory stays bounded)
-    and read back through ``mmap``. A write error (disk full) is kept and reported at the end.
+    as sent. Each piece goes to the temp file as it arrives (into the page cache), into the
+    running SHA-256, and, up to :data:`MEMORY_COPY_LIMIT`, into a memory copy for the header
+    checks; a larger instance is read back through ``mmap`` instead (memory stays bounded).
+    :meth:`sync` makes the file durable. A write error (disk full) is kept and reported at the end.
     """
 
     def __init__(self, store: FileStore, prefix: bytes) -> None:
         self.store = store
         self.size = 0
         self.error: OSError | None = None
-        self.fd = -1
-        self.path: Path | None = None
-        self._chunks: list[bytes] = []
+        self.fd, path = store.open_temp(sync_writes=False)
+        self.path: Path | None = path
+        self._hash = hashlib.sha256()
+        self._chunks: list[bytes] | None = []
         self._map: mmap.mmap | None = None
         self.write(prefix)
 
     @property
     def spilled(self) -> bool:
-        """Whether the data set is being streamed to a temp file (it outgrew the memory limit)."""
-        return self.path is not None
+        """Whether the data set outgrew the memory limit (the header is read from the file)."""
+        return self._chunks is None
 
     def write(self, chunk: bytes) -> None:
         """Take the next piece."""
         self.size += len(chunk)
-        if self.path is None:
-            self._chunks.append(chunk)
+        self._hash.update(chunk)
+        if self._chunks is not None:
             if self.size <= MEMORY_COPY_LIMIT:
-                return
-            self.fd, self.path = self.store.open_temp(sync_writes=False)
-            pending, self._chunks = self._chunks, []
-        else:
-            pending = [chunk]
+                self._chunks.append(chunk)
+            else:
+                self._chunks = None
         if self.error is None:
             try:
-                for piece in pending:
-                    _write_all(self.fd, piece)
+                _write_all(self.fd, chunk)
             except OSError as exc:
                 self.error = exc
 
-    def write_durably(self) -> tuple[Path, str]:
-        """Write the in-memory bytes to a durable temp file; its path and the SHA-256."""
-        data = self.contents()
-        assert isinstance(data, bytes)
-        fd, path = self.store.open_temp()
-        try:
-            _write_all(fd, data)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        self.path = path
-        return path, hashlib.sha256(data).hexdigest()
-
-    def sync_spilled(self) -> str:
-        """Make a spilled temp file durable and close it; the SHA-256 of its bytes."""
+    def sync(self) -> tuple[Path, str]:
+        """Make the temp file durable and close it; its path and the SHA-256 of its bytes."""
+        assert self.path is not None and self.error is None
         fd, self.fd = self.fd, -1
         try:
             if self.store.fsync:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        return hashlib.sha256(self.contents()).hexdigest()
+        return self.path, self._hash.hexdigest()
 
     def contents(self) -> bytes | mmap.mmap:
-        """The whole file: from memory, or mapped (a spilled file, after :meth:`sync_spilled`)."""
-        if self._chunks:
+        """The whole file: from memory, or mapped from the temp file (a spilled data set)."""
+        if self._chunks is not None:
             if len(self._chunks) != 1:
                 self._chunks = [b"".join(self._chunks)]
             return self._chunks[0]
         if self._map is None:
-            assert self.path is not None, "contents of a released data set"
+            assert self.path is not None, "contents of a discarded data set"
             with open(self.path, "rb") as fh:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
     def release(self) -> None:
-        """Drop the memory copy or mapping (a temp file stays)."""
-        self._chunks = []
+        """Drop the memory copy or mapping (the temp file stays)."""
+        if self._chunks is not None:
+            self._chunks = []
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -263,6 +247,7 @@ class ReceivedDataset:
             self.fd = -1
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -278,16 +263,12 @@ class StoreHandler:
     ----------
     catalog, store, writer:
         Storage.
-    io_threads:
-        Threads that fsync temp files (one per concurrently storing association is enough).
     """
 
-    def __init__(self, catalog: Catalog, store: FileStore, writer: GroupCommitWriter,
-                 io_threads: int = 8) -> None:
+    def __init__(self, catalog: Catalog, store: FileStore, writer: GroupCommitWriter) -> None:
         self.catalog = catalog
         self.store = store
         self.writer = writer
-        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="lungnode-io")
 
     def begin(self, stats: AssociationStats, command: Command, abstract_syntax: str,
               transfer_syntax: str) -> ReceivedDataset | RefusedSink:
@@ -346,30 +327,19 @@ class StoreHandler:
                 return Refusal(STATUS_OUT_OF_RESOURCES, "disk full")
             raise sink.error
         try:
-            self.store.check_space(0 if sink.spilled else sink.size)
+            self.store.check_space()  # the bytes are written: is the watermark still kept?
         except DiskFullError as exc:
             return Refusal(STATUS_OUT_OF_RESOURCES, str(exc))
-        if sink.spilled:
-            digest = sink.sync_spilled()
-            checked = self._check(sink.contents(), transfer_syntax, command.affected_sop_class,
-                                  command.affected_sop_instance)
-        else:
-            # The file is written (O_SYNC) and hashed in a helper thread, which does not hold the
-            # GIL meanwhile, while this thread parses and checks the header; a refused instance's
-            # file is removed again.
-            writing = self._io.submit(sink.write_durably)
-            try:
-                checked = self._check(sink.contents(), transfer_syntax, command.affected_sop_class,
-                                      command.affected_sop_instance)
-            finally:
-                try:
-                    _path, digest = writing.result()
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    checked = Refusal(STATUS_OUT_OF_RESOURCES, "disk full")
+        checked = self._check(sink.contents(), transfer_syntax, command.affected_sop_class,
+                              command.affected_sop_instance)
         if isinstance(checked, Refusal):
             return checked
+        try:
+            _path, digest = sink.sync()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return Refusal(STATUS_OUT_OF_RESOURCES, "disk full")
         assert sink.path is not None
         fields = checked
         outcome = self.writer.submit(Incoming(
@@ -403,8 +373,7 @@ class StoreHandler:
         return header.fields
 
     def close(self) -> None:
-        """Stop the helper threads (after the last association ended)."""
-        self._io.shutdown(wait=True)
+        """Release what the handler holds (after the last association ended): nothing so far."""
 
 
 def file_prefix(command: Command, transfer_syntax: str, calling_ae: str) -> bytes:

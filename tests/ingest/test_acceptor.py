@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from lungnode.config import Config, load_config
 from lungnode.node import ingest, pdu
 from lungnode.node.header import RawHeader, UnsureError, scan_header
-from lungnode.node.listener import ListenerWorker
+from lungnode.node.listener import ListenerWorker, supported_contexts
 from lungnode.storage.db import Database
 from lungnode.storage.fields import fields_from, header_fields
 from lungnode.storage.filestore import FileStore
@@ -101,11 +101,12 @@ def echo(port: int) -> int:
 
 
 # ---------------------------------------------------------------------------- raw peer
-def associate_rq(contexts: list[tuple[int, str, list[str]]], *, window: bool = False) -> bytes:
-    """An A-ASSOCIATE-RQ from PEER to LUNGNODE, encoded by pynetdicom."""
+def associate_rq(contexts: list[tuple[int, str, list[str]]], *, window: bool = False,
+                 calling: str = "PEER") -> bytes:
+    """An A-ASSOCIATE-RQ from ``calling`` to LUNGNODE, encoded by pynetdicom."""
     rq = A_ASSOCIATE()
     rq.application_context_name = pdu.APPLICATION_CONTEXT
-    rq.calling_ae_title, rq.called_ae_title = "PEER", "LUNGNODE"
+    rq.calling_ae_title, rq.called_ae_title = calling, "LUNGNODE"
     items = []
     for cid, abstract, syntaxes in contexts:
         cx = build_context(abstract, syntaxes)
@@ -190,6 +191,29 @@ def test_command_set_round_trip_with_pydicom() -> None:
         (0x8001, 7, 0xA700, "disk full", "1.2.3.4", 0x0101)
     with pytest.raises(pdu.ProtocolError):
         pdu.decode_command(raw[:-3])
+
+
+def test_negotiator_remembers_outcomes_and_echoes_each_requests_ae_titles() -> None:
+    supported = supported_contexts()
+    proposal = [(1, CT, [EXPLICIT, IMPLICIT]), (3, "1.2.840.10008.5.1.4.1.1.4", [EXPLICIT])]
+    negotiator = pdu.Negotiator(supported, max_pdu=1 << 20)
+    first = negotiator.negotiate(negotiator.decode(associate_rq(proposal, calling="SCANNER_A")))
+    second_rq = associate_rq(proposal, calling="SCANNER_B")
+    request = negotiator.decode(second_rq)  # remembered: only the AE titles are read
+    assert (request.calling_ae, request.called_ae, request.peer_max_pdu) == ("SCANNER_B", "LUNGNODE", 16384)
+    second = negotiator.negotiate(request)
+    fresh = pdu.negotiate(pdu.decode_associate_rq(second_rq), supported, max_pdu=1 << 20)
+    assert second.ac_pdu == fresh.ac_pdu and second.contexts == fresh.contexts == first.contexts
+    assert second.ac_pdu != first.ac_pdu  # the calling AE title differs
+    ac = A_ASSOCIATE_AC()
+    ac.decode(second.ac_pdu)
+    assert ac.calling_ae_title.strip() == "SCANNER_B"
+    other = negotiator.negotiate(negotiator.decode(associate_rq([(5, CT, [IMPLICIT])])))
+    assert other.contexts == {5: (CT, IMPLICIT)}  # another proposal is negotiated afresh
+    blank = bytearray(second_rq)
+    blank[26:42] = b" " * 16  # a Calling AE Title of spaces is refused, remembered or not
+    with pytest.raises(pdu.ProtocolError):
+        negotiator.decode(bytes(blank))
 
 
 def test_p_data_respects_the_peer_maximum_pdu_length() -> None:
