@@ -9,10 +9,10 @@ association and over 4 parallel associations (100 slices each) into, in turn:
 * DCMTK ``storescp`` (1 association) and ``storescp --fork`` (4), which do not fsync,
 * Orthanc (its default SyncStorageArea = fsync; SQLite index), with a config this script writes.
 
-Every DCMTK tool and Orthanc run with ``TCP_NODELAY=1``. Each case runs ``--runs`` times (fresh
-storage each time) and the median is reported: instances/s, MB/s, and the ratios lungnode/storescp
-and lungnode/Orthanc; also lungnode's peak memory (RSS of the node and its listener processes)
-while ingesting and the load average before and after.
+Every DCMTK tool and Orthanc run with ``TCP_NODELAY=1``. The cases run round-robin, ``--runs``
+rounds (fresh storage each time), and the median of each is reported: instances/s, MB/s, and
+the ratios lungnode/storescp and lungnode/Orthanc; also lungnode's peak memory (RSS of the node
+and its listener processes) while ingesting and the load average before and after.
 
 Usage::
 
@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -195,10 +196,6 @@ def run_orthanc(work: Path, parts: Sequence[Sequence[Path]]) -> float:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def median_of(runs: int, fn: Callable[[], float]) -> float:
-    return statistics.median(fn() for _ in range(runs))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -214,30 +211,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     four = [files[i::4] for i in range(4)]
     work = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     print(f"series: {len(files)} slices, {mb:.0f} MB; load average before: {os.getloadavg()}")
-    results: dict[str, float] = {}
+
+    cases: list[tuple[str, Callable[[], float]]] = []
     peaks: dict[str, int] = {}
 
-    def lungnode_case(parts: list[list[Path]], procs: int, key: str) -> None:
-        times = []
-        peak = 0
-        for _ in range(args.runs):
+    def lungnode_case(key: str, parts: list[list[Path]], procs: int) -> Callable[[], float]:
+        def run() -> float:
             elapsed, rss = run_lungnode(work, parts, procs)
-            times.append(elapsed)
-            peak = max(peak, rss)
-        results[key], peaks[key] = statistics.median(times), peak
+            peaks[key] = max(peaks.get(key, 0), rss)
+            return elapsed
+        return run
 
-    try:
-        lungnode_case(one, 1, "lungnode x1")
-        for procs in args.listener_processes:
-            lungnode_case(four, procs, f"lungnode x4 (listener_processes={procs})")
+    for label, parts in (("x1", one), ("x4", four)):
+        if label == "x1":
+            cases.append(("lungnode x1", lungnode_case("lungnode x1", one, 1)))
+        else:
+            cases += [(f"lungnode x4 (listener_processes={procs})",
+                       lungnode_case(f"lungnode x4 (listener_processes={procs})", four, procs))
+                      for procs in args.listener_processes]
         if "storescp" not in args.skip:
-            results["storescp x1"] = median_of(args.runs, lambda: run_storescp(work, one, False))
-            results["storescp --fork x4"] = median_of(args.runs, lambda: run_storescp(work, four, True))
+            fork = label == "x4"
+            cases.append(("storescp --fork x4" if fork else "storescp x1",
+                          functools.partial(run_storescp, work, parts, fork)))
         if "orthanc" not in args.skip:
-            results["orthanc x1"] = median_of(args.runs, lambda: run_orthanc(work, one))
-            results["orthanc x4"] = median_of(args.runs, lambda: run_orthanc(work, four))
+            cases.append((f"orthanc {label}", functools.partial(run_orthanc, work, parts)))
+    times: dict[str, list[float]] = {key: [] for key, _ in cases}
+    try:
+        # Round-robin: every receiver runs once per round, so slow phases of a shared machine
+        # hit lungnode and its anchors alike instead of biasing whichever ran then.
+        for _ in range(args.runs):
+            for key, run in cases:
+                times[key].append(run())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results = {key: statistics.median(values) for key, values in times.items()}
 
     n = len(files)
     print(f"{'receiver':44} {'inst/s':>8} {'MB/s':>8} {'peak RSS MB':>12}")

@@ -18,6 +18,7 @@ local-limit-exceeded. Stop: close the listening socket, let open associations fi
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -56,6 +57,12 @@ MAX_PDU_BYTES = 4 << 20
 #: coming back from a socket read or an fdatasync waits for the GIL up to this long while another
 #: association's thread parses; with 0.5 ms one association stores ~25 % more instances a second.
 SWITCH_INTERVAL_S = 0.0005
+#: Allocations between young-generation garbage collections while a listener runs (Python's
+#: default is 700). A C-STORE allocates a few thousand short-lived objects, nearly all freed by
+#: reference counting; at the default the collector ran several times per instance and took
+#: ~0.7 ms of its CPU (measured with 4 associations). Objects alive at start are frozen
+#: (``gc.freeze``) so the older generations are not walked again and again either.
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -78,6 +85,15 @@ def make_ssl_context(config: Config) -> ssl.SSLContext | None:
         context.load_verify_locations(cafile=tls.ca)
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
+
+
+def tune_garbage_collector() -> None:
+    """Freeze the objects alive now and collect the young generation less often (see
+    :data:`GC_YOUNG_THRESHOLD`); cyclic garbage is still collected, in larger steps."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(GC_YOUNG_THRESHOLD, young), middle, old)
 
 
 class ListenerWorker:
@@ -191,6 +207,7 @@ class ListenerWorker:
         node = self.config.node
         self.writer.start()
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        tune_garbage_collector()
         settings = AcceptorSettings(
             bind=node.bind, port=node.port, contexts=self.supported_contexts,
             acse_timeout_s=node.acse_timeout_s, dimse_timeout_s=node.dimse_timeout_s,

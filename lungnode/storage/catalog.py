@@ -179,9 +179,10 @@ class Catalog:
                     for uid in sorted({item.fields.instance["sop_instance_uid"] for item in batch}):
                         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:u))"), {"u": uid})
                 filed: list[Filed] = []
+                statements = ingest_sql.statements_for(conn)
                 for item in batch:
                     try:
-                        filed.append(self._file_one(conn, item))
+                        filed.append(self._file_one(conn, item, statements=statements))
                     except Exception as exc:
                         raise _ItemError(exc) from exc
                 folders: set[Path] = set()
@@ -232,10 +233,12 @@ class Catalog:
         with self._batch_lock:
             self._drop_connection()
 
-    def _file_one(self, conn: Connection, item: Incoming, *, existing_path: str = "") -> Filed:
+    def _file_one(self, conn: Connection, item: Incoming, *, existing_path: str = "",
+                  statements: ingest_sql.IngestStatements | None = None) -> Filed:
         f = item.fields
         sop_uid = f.instance["sop_instance_uid"]
-        rows = ingest_sql.versions(conn, sop_uid)
+        sql = statements or ingest_sql.statements_for(conn)
+        rows = sql.versions(sop_uid)
         for row in rows:
             if row.sha256 == item.sha256:
                 return Filed("duplicate", row.version, row.path)
@@ -243,10 +246,10 @@ class Catalog:
         relpath = self.store.instance_relpath(f.study["study_uid"], f.series["series_uid"], sop_uid, version)
         if existing_path and existing_path != relpath:
             raise ValueError(f"file {existing_path} does not match its header (expected {relpath})")
-        series_pk = self._upsert_series(conn, f, item.received_at)
+        series_pk = self._upsert_series(conn, sql, f, item.received_at)
         if rows:
             conn.execute(ingest_sql.CLEAR_CURRENT, {"b_sop": sop_uid})
-        conn.execute(ingest_sql.INSERT_INSTANCE, {
+        sql.insert_instance({
             "series_pk": series_pk, "version": version, "current": True, "path": relpath,
             "size_bytes": item.size, "sha256": item.sha256, "transfer_syntax_uid": item.transfer_syntax_uid,
             "calling_ae": item.calling_ae[:16], "association_id": item.association_id[:36],
@@ -262,7 +265,8 @@ class Catalog:
                 session.flush()
         return Filed("version" if version > 1 else "stored", version, relpath)
 
-    def _upsert_series(self, conn: Connection, f: InstanceFields, now: dt.datetime) -> int:
+    def _upsert_series(self, conn: Connection, sql: ingest_sql.IngestStatements, f: InstanceFields,
+                       now: dt.datetime) -> int:
         due = now + self.quiet
         values: dict[str, Any] = {"last_received_at": now, "completion_due_at": due,
                                   "state": "receiving"}
@@ -272,7 +276,7 @@ class Catalog:
         cached = self._series_pk.get(series_uid)
         if cached is not None:
             # Known series: one UPDATE (timer, state) instead of the patient/study/series upserts.
-            pk = ingest_sql.touch_series(conn, values, pk=cached)
+            pk = sql.touch_series(cached, values)
             if pk is not None:
                 return pk
             self._series_pk.pop(series_uid, None)  # deleted meanwhile (retention)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import shutil
 import threading
@@ -14,6 +15,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from lungnode.ops.audit import read_events
+from lungnode.storage import ingest_sql
 from lungnode.storage.catalog import CLEAN_SHUTDOWN_MARKER, Catalog, Filed, Incoming, header_fields
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
@@ -82,6 +84,31 @@ def test_one_bad_item_does_not_fail_its_batch(catalog: Catalog, chest_ct_dir: Pa
     assert list(catalog.store.tmp.iterdir()) == []  # the refused item's temp file is gone
     with catalog.db.session() as session:
         assert len(list(session.execute(select(Instance)).scalars())) == 2
+
+
+def test_sqlite_cursor_statements_write_the_rows_sqlalchemy_writes(
+        tmp_path: Path, chest_ct_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SQLite hot path (DB-API cursor) and SQLAlchemy Core store identical rows."""
+    files = sorted(chest_ct_dir.glob("*.dcm"))[:3]
+    tables: dict[str, dict[str, list[tuple[object, ...]]]] = {}
+    for mode in ("cursor", "core"):
+        if mode == "core":
+            monkeypatch.setattr(ingest_sql, "statements_for", ingest_sql.CoreStatements)
+        db = Database(f"sqlite:///{tmp_path / mode}.sqlite3")
+        catalog = Catalog(db, FileStore(tmp_path / mode, fsync=False), quiet_period_s=30.0)
+        batch = [_incoming(catalog, f) for f in files]
+        batch.append(_incoming(catalog, files[0], {"SeriesDescription": "edited"}))
+        for item in batch:
+            item.received_at = dt.datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=dt.UTC)
+        assert all(isinstance(r, Filed) for r in catalog.commit_batch(batch[:2]))
+        assert all(isinstance(r, Filed) for r in catalog.commit_batch(batch[2:]))  # known series
+        catalog.close()
+        with db.engine.connect() as conn:
+            tables[mode] = {name: [tuple(row) for row in conn.exec_driver_sql(
+                f"SELECT * FROM {name} ORDER BY id")] for name in ("instances", "series")}
+        db.dispose()
+    assert tables["cursor"] == tables["core"]
+    assert len(tables["cursor"]["instances"]) == 4
 
 
 def test_concurrent_versions_do_not_collide(catalog: Catalog, chest_ct_dir: Path) -> None:
