@@ -31,6 +31,10 @@ MAX_DEPTH = 16
 _FUNCTIONAL_GROUPS = frozenset({0x52009229, 0x52009230})  # Shared / Per-frame Functional Groups
 #: Pixel data elements: the header ends at the first of them.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+#: Tags that end the scan: True = pixel data (the header ends), False = functional groups.
+_STOPS = {**dict.fromkeys(_PIXEL_TAGS, True), **dict.fromkeys(_FUNCTIONAL_GROUPS, False)}
+#: Two upper-case letters: what a VR may look like (unknown ones included, as pydicom reads them).
+_VALID_VRS = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91))
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
                        b"SV", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
@@ -40,6 +44,8 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 
 _TAG = struct.Struct("<HH")
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (or reserved)
+_IMPLICIT_HEAD = struct.Struct("<HHI")  # group, element, 32-bit length
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -60,7 +66,7 @@ class RawHeader:
     data:
         The received file (kept referenced; valid as long as the caller keeps it).
     elements:
-        Tag → (explicit VR or None, value offset, value length).
+        Tag → (explicit VR as written, None when implicit; value offset; value length).
     implicit:
         Implicit VR little endian.
     pixel_offset:
@@ -69,7 +75,7 @@ class RawHeader:
 
     __slots__ = ("_data", "_elements", "_encoding", "implicit", "pixel_offset")
 
-    def __init__(self, data: bytes | mmap.mmap, elements: dict[int, tuple[str | None, int, int]],
+    def __init__(self, data: bytes | mmap.mmap, elements: dict[int, tuple[bytes | None, int, int]],
                  implicit: bool, pixel_offset: int) -> None:
         self._data = data
         self._elements = elements
@@ -90,16 +96,22 @@ class RawHeader:
         out: dict[BaseTag, DataElement | RawDataElement] = {}
         for tag, (vr, offset, length) in self._elements.items():
             key = Tag(tag)
-            out[key] = RawDataElement(key, vr, length, bytes(data[offset:offset + length]), offset,
-                                      implicit, True, True, False)
+            out[key] = RawDataElement(key, None if vr is None else vr.decode("ascii"), length,
+                                      bytes(data[offset:offset + length]), offset, implicit, True,
+                                      True, False)
         return Dataset(out)
 
     # ---------------------------------------------------------------- values, pydicom's reading
     def text(self, keyword: str) -> str:
         """The value as pydicom's ``str`` of it, multiple values joined with ``\\``; "" if absent."""
-        raw = self._raw(keyword, _TEXT_VRS)
-        if raw is None:
+        tag, vr, vr_bytes = _spec(keyword)
+        found = self._elements.get(tag)
+        if found is None:
             return ""
+        explicit_vr, offset, length = found
+        if vr not in _TEXT_VRS or (explicit_vr is not None and explicit_vr != vr_bytes):
+            raise UnsureError
+        raw = self._data[offset:offset + length]
         if raw.isascii() and b"\x1b" not in raw:
             value = raw.decode("ascii")
         else:
@@ -108,7 +120,6 @@ class RawHeader:
             except UnicodeDecodeError:
                 raise UnsureError from None
         value = value.rstrip("\x00 ")
-        vr = _dictionary_vr(keyword)
         if vr == "UI":
             return value.strip()
         if vr in ("DS", "IS") and value:  # pydicom keeps each number's text, stripped
@@ -120,13 +131,15 @@ class RawHeader:
 
     def integer(self, keyword: str) -> int | None:
         """An IS or US value as an int; None when absent or empty."""
-        if _dictionary_vr(keyword) == "US":
-            raw = self._raw(keyword, frozenset({"US"}))
-            if raw is None or not raw:
+        tag, vr, vr_bytes = _spec(keyword)
+        if vr == "US":
+            found = self._elements.get(tag)
+            if found is None or not found[2]:
                 return None
-            if len(raw) != 2:
+            explicit_vr, offset, length = found
+            if length != 2 or (explicit_vr is not None and explicit_vr != vr_bytes):
                 raise UnsureError
-            return int(_U16.unpack(raw)[0])
+            return int(_U16.unpack_from(self._data, offset)[0])
         value = self.text(keyword)
         if not value:
             return None
@@ -140,21 +153,9 @@ class RawHeader:
         value = self.text(keyword)
         return _float_text(value) if value else None
 
-    def _raw(self, keyword: str, vrs: frozenset[str]) -> bytes | None:
-        tag = _tag(keyword)
-        found = self._elements.get(tag)
-        if found is None:
-            return None
-        vr, offset, length = found
-        expected = _dictionary_vr(keyword)
-        if expected not in vrs or (vr is not None and vr != expected):
-            raise UnsureError
-        return bytes(self._data[offset:offset + length])
-
     def _text_encoding(self) -> str:
         if self._encoding is None:
-            raw = self._raw("SpecificCharacterSet", _TEXT_VRS)
-            name = "" if raw is None else raw.decode("ascii", "replace").strip("\x00 ")
+            name = self.text("SpecificCharacterSet").strip()
             if name not in _ENCODINGS:
                 raise UnsureError
             self._encoding = _ENCODINGS[name]
@@ -171,16 +172,13 @@ _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH
 
 
 @functools.cache
-def _tag(keyword: str) -> int:
+def _spec(keyword: str) -> tuple[int, str, bytes]:
+    """Tag, dictionary VR and that VR as it is written in explicit VR, of a keyword."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(keyword)
-    return int(tag)
-
-
-@functools.cache
-def _dictionary_vr(keyword: str) -> str:
-    return str(dictionary_VR(_tag(keyword)))
+    vr = str(dictionary_VR(tag))
+    return int(tag), vr, vr.encode("ascii")
 
 
 def _float_text(text: str) -> float:
@@ -209,21 +207,38 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
     if transfer_syntax in (_DEFLATED, _BIG_ENDIAN):
         return None
     implicit = transfer_syntax == _IMPLICIT_VR_LE
+    elements: dict[int, tuple[bytes | None, int, int]] = {}
+    pixel_offset = -1
+    # The loop reads each element header with one struct call (it runs ~90 times per CT header).
+    head, head_size = (_IMPLICIT_HEAD, 8) if implicit else (_EXPLICIT_HEAD, 8)
+    stops, long_vrs, valid_vrs, u32 = _STOPS, _LONG_VRS, _VALID_VRS, _U32
     try:
         offset = _dataset_offset(data)
-        elements: dict[int, tuple[str | None, int, int]] = {}
         end = len(data)
-        pixel_offset = -1
         while offset < end:
             start = offset
-            tag, vr, length, offset = _element_header(data, offset, implicit)
-            if tag in _PIXEL_TAGS:
-                pixel_offset = start
-                break
-            if tag in _FUNCTIONAL_GROUPS:
-                return None
+            if implicit:
+                group, element, length = head.unpack_from(data, offset)
+                vr: bytes | None = None
+            else:
+                group, element, vr, length = head.unpack_from(data, offset)
+                if group == 0xFFFE:  # item tags have no VR: not expected at the top level
+                    raise _UnsureError
+                if vr not in valid_vrs:
+                    raise _UnsureError
+                if vr in long_vrs:
+                    (length,) = u32.unpack_from(data, offset + 8)
+                    offset += 4
+            offset += head_size
+            tag = (group << 16) | element
+            stop = stops.get(tag)
+            if stop is not None:
+                if stop:  # pixel data: the header ends here
+                    pixel_offset = start
+                    break
+                return None  # functional groups: the fields live in sequences
             if length == _UNDEFINED:
-                if vr not in (None, "SQ", "UN"):
+                if vr not in (None, b"SQ", b"UN"):
                     raise _UnsureError
                 offset = _skip_sequence(data, offset, implicit, 1)
                 continue
@@ -248,7 +263,7 @@ def _dataset_offset(data: bytes | mmap.mmap) -> int:
 
 
 def _element_header(data: bytes | mmap.mmap, offset: int,
-                    implicit: bool) -> tuple[int, str | None, int, int]:
+                    implicit: bool) -> tuple[int, bytes | None, int, int]:
     """Tag, VR (None when implicit), value length and value offset of the element at ``offset``."""
     group, element = _TAG.unpack_from(data, offset)
     tag = (group << 16) | element
@@ -256,13 +271,13 @@ def _element_header(data: bytes | mmap.mmap, offset: int,
         (length,) = _U32.unpack_from(data, offset + 4)
         return tag, None, int(length), offset + 8
     vr = bytes(data[offset + 4:offset + 6])
-    if not vr.isalpha() or not vr.isupper():
+    if vr not in _VALID_VRS:
         raise _UnsureError
     if vr in _LONG_VRS:
         (length,) = _U32.unpack_from(data, offset + 8)
-        return tag, vr.decode(), int(length), offset + 12
+        return tag, vr, int(length), offset + 12
     (length,) = _U16.unpack_from(data, offset + 6)
-    return tag, vr.decode(), int(length), offset + 8
+    return tag, vr, int(length), offset + 8
 
 
 def _skip_sequence(data: bytes | mmap.mmap, offset: int, implicit: bool, depth: int) -> int:
@@ -291,7 +306,7 @@ def _skip_item(data: bytes | mmap.mmap, offset: int, implicit: bool, depth: int)
         if tag == _ITEM_END:
             return offset
         if length == _UNDEFINED:
-            if vr not in (None, "SQ", "UN"):
+            if vr not in (None, b"SQ", b"UN"):
                 raise _UnsureError
             offset = _skip_sequence(data, offset, implicit, depth + 1)
         else:
