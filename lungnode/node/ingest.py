@@ -180,7 +180,7 @@ class ReceivedDataset:
         self.store = store
         self.size = 0
         self.error: OSError | None = None
-        self.fd, path = store.open_temp(sync_writes=False)
+        self.fd, path = store.open_temp()
         self.path: Path | None = path
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] | None = []

@@ -92,17 +92,13 @@ class FileStore:
         os.close(fd)
         return Path(name)
 
-    def open_temp(self, *, sync_writes: bool = True) -> tuple[int, Path]:
-        """Create a fresh temp file in ``.tmp``; its descriptor and path.
+    def open_temp(self) -> tuple[int, Path]:
+        """Create a fresh temp file in ``.tmp`` for writing; its descriptor and path.
 
-        With ``fsync`` on and ``sync_writes``, the file is opened ``O_SYNC``: each write returns
-        once the data and the metadata needed to read it back are on disk (what ``write`` + ``fsync``
-        give), in one call that does not hold the GIL. Without ``sync_writes`` the caller writes
-        into the page cache and calls ``os.fdatasync`` when the file is complete.
+        The caller writes into the page cache and, with ``fsync`` on, calls ``os.fdatasync``
+        when the file is complete, before :meth:`commit_temp` or its own rename.
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        if self.fsync and sync_writes:
-            flags |= os.O_SYNC
         path = self.tmp / f"{uuid.uuid4().hex}.part"
         return os.open(path, flags, 0o600), path
 
