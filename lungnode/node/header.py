@@ -83,9 +83,6 @@ class RawHeader:
         self.pixel_offset = pixel_offset
         self._encoding: str | None = None
 
-    def __contains__(self, tag: int) -> bool:
-        return tag in self._elements
-
     def has_group(self, group: int) -> bool:
         """Whether any top-level element of ``group`` is present."""
         return any((tag >> 16) == group for tag in self._elements)
@@ -265,18 +262,16 @@ def _dataset_offset(data: bytes | mmap.mmap) -> int:
 def _element_header(data: bytes | mmap.mmap, offset: int,
                     implicit: bool) -> tuple[int, bytes | None, int, int]:
     """Tag, VR (None when implicit), value length and value offset of the element at ``offset``."""
-    group, element = _TAG.unpack_from(data, offset)
+    group, element, length = _IMPLICIT_HEAD.unpack_from(data, offset)
     tag = (group << 16) | element
-    if implicit or group == 0xFFFE:
-        (length,) = _U32.unpack_from(data, offset + 4)
+    if implicit or group == 0xFFFE:  # item and delimitation tags carry no VR
         return tag, None, int(length), offset + 8
-    vr = bytes(data[offset + 4:offset + 6])
+    _group, _element, vr, length = _EXPLICIT_HEAD.unpack_from(data, offset)
     if vr not in _VALID_VRS:
         raise _UnsureError
     if vr in _LONG_VRS:
         (length,) = _U32.unpack_from(data, offset + 8)
         return tag, vr, int(length), offset + 12
-    (length,) = _U16.unpack_from(data, offset + 6)
     return tag, vr, int(length), offset + 8
 
 

@@ -335,19 +335,17 @@ class StoreHandler:
         if isinstance(checked, Refusal):
             return checked
         try:
-            _path, digest = sink.sync()
+            temp_path, digest = sink.sync()
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             return Refusal(STATUS_OUT_OF_RESOURCES, "disk full")
-        assert sink.path is not None
-        fields = checked
         outcome = self.writer.submit(Incoming(
-            fields=fields, temp_path=sink.path, sha256=digest, size=sink.size,
+            fields=checked, temp_path=temp_path, sha256=digest, size=sink.size,
             transfer_syntax_uid=transfer_syntax, calling_ae=stats.calling_ae,
             association_id=stats.assoc_id))
         if isinstance(outcome, BaseException):
-            sink.path.unlink(missing_ok=True)
+            temp_path.unlink(missing_ok=True)
             if isinstance(outcome, OSError) and outcome.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Refusal(STATUS_OUT_OF_RESOURCES, "disk full")
             return Refusal(STATUS_OUT_OF_RESOURCES, f"could not store: {type(outcome).__name__}")
@@ -371,9 +369,6 @@ class StoreHandler:
         if refusal:
             return refusal
         return header.fields
-
-    def close(self) -> None:
-        """Release what the handler holds (after the last association ended): nothing so far."""
 
 
 def file_prefix(command: Command, transfer_syntax: str, calling_ae: str) -> bytes:

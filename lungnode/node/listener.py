@@ -244,7 +244,6 @@ class ListenerWorker:
             self._open.clear()
         for stats in leftovers:
             self._finish(stats, "aborted-shutdown")
-        self.handler.close()
         self.writer.stop()
         self.catalog.close()
         self.acceptor = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -88,9 +87,9 @@ class FileStore:
 
     def temp_file(self) -> Path:
         """A fresh, empty temp path inside ``.tmp`` (same filesystem as the store)."""
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, path = self.open_temp()
         os.close(fd)
-        return Path(name)
+        return path
 
     def open_temp(self) -> tuple[int, Path]:
         """Create a fresh temp file in ``.tmp`` for writing; its descriptor and path.
