@@ -148,6 +148,7 @@ def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int) ->
                  "peers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}]},
         "completion": {"quiet_period_s": 3600.0}, "storage": {"fsync": True}})
     node.start(timeout=120)
+    node.wait_running()  # the listener opens the port before the other services have started
     try:
         assert node.proc is not None
         with Sampler(node.proc.pid) as sampler:

@@ -156,6 +156,9 @@ class StorageConfig:
     min_free_disk_mb: int = 2048
     #: fsync files and their folder before acknowledging (turn off only for throw-away test nodes).
     fsync: bool = True
+    #: Write received instances with O_DIRECT (straight to disk, no page-cache copy) when fsync is
+    #: on and the filesystem takes it; page-cache writes otherwise.
+    direct_io: bool = True
 
     @property
     def root_path(self) -> Path:

@@ -163,6 +163,16 @@ class LungnodeProcess:
                     raise
         return self
 
+    def wait_running(self, timeout: float = 120.0) -> None:
+        """Wait until the node logged that every service started (the port opens before)."""
+        deadline = time.monotonic() + timeout
+        while "lungnode running" not in self.log():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"lungnode run exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("lungnode did not finish starting")
+            time.sleep(0.05)
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; return the exit status."""
         assert self.proc is not None

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import cast
 
 from lungnode.config import Config
-from lungnode.node.listener import Listener
+from lungnode.node.listener import Listener, ingest_file_store
 from lungnode.node.service import Service
 from lungnode.ops.metrics import setup_from_config
 from lungnode.storage.catalog import Catalog
@@ -61,8 +61,7 @@ class NodeApp:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.db = Database(config.storage.effective_database_url)
-        self.store = FileStore(config.storage.root_path, fsync=config.storage.fsync,
-                               min_free_mb=config.storage.min_free_disk_mb)
+        self.store = ingest_file_store(config)
         self.catalog = Catalog(self.db, self.store, config.completion.quiet_period_s)
         self.listener = Listener(config, self.db, self.store)
         self.services: list[Service] = []

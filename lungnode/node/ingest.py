@@ -170,17 +170,19 @@ class ReceivedDataset:
     """A C-STORE data set as it arrives, written to its temp file piece by piece.
 
     The bytes are the file to be stored: preamble and file meta information, then the data set
-    as sent. Each piece goes to the temp file as it arrives (into the page cache), into the
-    running SHA-256, and, up to :data:`MEMORY_COPY_LIMIT`, into a memory copy for the header
-    checks; a larger instance is read back through ``mmap`` instead (memory stays bounded).
-    :meth:`sync` makes the file durable. A write error (disk full) is kept and reported at the end.
+    as sent. Each piece goes to the temp file (with ``O_DIRECT`` through the store's
+    :class:`~lungnode.storage.filestore.DirectWriter` when the store uses direct I/O, else into
+    the page cache as it arrives), into the running SHA-256, and, up to
+    :data:`MEMORY_COPY_LIMIT`, into a memory copy for the header checks; a larger instance is
+    read back through ``mmap`` instead (memory stays bounded). :meth:`sync` makes the file
+    durable. A write error (disk full) is kept and reported at the end.
     """
 
     def __init__(self, store: FileStore, prefix: bytes) -> None:
         self.store = store
         self.size = 0
         self.error: OSError | None = None
-        self.fd, path = store.open_temp()
+        self.fd, path, self._direct = store.open_direct()
         self.path: Path | None = path
         self._hash = hashlib.sha256()
         self._chunks: list[bytes] | None = []
@@ -203,7 +205,19 @@ class ReceivedDataset:
                 self._chunks = None
         if self.error is None:
             try:
-                _write_all(self.fd, chunk)
+                if self._direct is not None:
+                    self._direct.write(chunk)
+                else:
+                    _write_all(self.fd, chunk)
+            except OSError as exc:
+                self.error = exc
+
+    def complete(self) -> None:
+        """The data set is complete: hand the last bytes to the file (a direct writer holds up to
+        a flush's worth). A write error is kept in :attr:`error`."""
+        if self._direct is not None and self.error is None:
+            try:
+                self._direct.finish()
             except OSError as exc:
                 self.error = exc
 
@@ -215,8 +229,14 @@ class ReceivedDataset:
             if self.store.fsync:
                 os.fdatasync(fd)
         finally:
+            self._close_direct()
             os.close(fd)
         return self.path, self._hash.hexdigest()
+
+    def _close_direct(self) -> None:
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
 
     def contents(self) -> bytes | mmap.mmap:
         """The whole file: from memory, or mapped from the temp file (a spilled data set)."""
@@ -241,6 +261,7 @@ class ReceivedDataset:
     def discard(self) -> None:
         """Drop everything, the temp file included."""
         self.release()
+        self._close_direct()
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -322,6 +343,7 @@ class StoreHandler:
 
     def _file(self, stats: AssociationStats, command: Command, transfer_syntax: str,
               sink: ReceivedDataset) -> int | Refusal:
+        sink.complete()
         if sink.error is not None:
             if sink.error.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Refusal(STATUS_OUT_OF_RESOURCES, "disk full")

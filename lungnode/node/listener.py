@@ -87,6 +87,13 @@ def make_ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def ingest_file_store(config: Config) -> FileStore:
+    """The file store of a receiving process, as ``[storage]`` configures it."""
+    storage = config.storage
+    return FileStore(storage.root_path, fsync=storage.fsync, min_free_mb=storage.min_free_disk_mb,
+                     direct_io=storage.direct_io)
+
+
 def tune_garbage_collector() -> None:
     """Freeze the objects alive now and collect the young generation less often (see
     :data:`GC_YOUNG_THRESHOLD`); cyclic garbage is still collected, in larger steps."""
@@ -217,8 +224,9 @@ class ListenerWorker:
             max_pdu=MAX_PDU_BYTES)
         self.acceptor = Acceptor(settings, self)
         self.acceptor.start()
-        LOG.info("listening on %s:%d as %s (pid %d, TLS %s)", node.bind, node.port, node.ae_title,
-                 os.getpid(), "on" if node.tls.enabled else "off")
+        LOG.info("listening on %s:%d as %s (pid %d, TLS %s, direct I/O %s)", node.bind, node.port,
+                 node.ae_title, os.getpid(), "on" if node.tls.enabled else "off",
+                 "on" if self.handler.store.direct_io else "off")
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let open associations finish for ``grace`` s, abort the rest."""
@@ -257,8 +265,7 @@ def _child_main(config: Config, ready: Any, stop_event: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     db = Database(config.storage.effective_database_url, create=False)
-    store = FileStore(config.storage.root_path, fsync=config.storage.fsync,
-                      min_free_mb=config.storage.min_free_disk_mb)
+    store = ingest_file_store(config)
     worker = ListenerWorker(config, db, store, reuse_port=True)
     try:
         worker.start()

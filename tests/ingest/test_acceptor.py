@@ -34,10 +34,10 @@ from sqlalchemy import func, select
 from lungnode.config import Config, load_config
 from lungnode.node import ingest, pdu
 from lungnode.node.header import RawHeader, UnsureError, scan_header
-from lungnode.node.listener import ListenerWorker, supported_contexts
+from lungnode.node.listener import ListenerWorker, ingest_file_store, supported_contexts
 from lungnode.storage.db import Database
 from lungnode.storage.fields import fields_from, header_fields
-from lungnode.storage.filestore import FileStore
+from lungnode.storage.filestore import StagingPool
 from lungnode.storage.models import Instance
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
 from tests.node_process import free_port
@@ -68,7 +68,7 @@ fsync = true
 quiet_period_s = 3600.0
 """)
         self.config: Config = load_config(root / "config.toml")
-        self.store = FileStore(self.config.storage.root_path, fsync=True)
+        self.store = ingest_file_store(self.config)
         self.db = Database(self.config.storage.effective_database_url, create=True)
         self.worker = ListenerWorker(self.config, self.db, self.store)
 
@@ -376,10 +376,19 @@ def test_a_data_set_cut_short_leaves_nothing(running: Running, chest_ct_dir: Pat
     assert running.temp_files() == []
 
 
+@pytest.mark.parametrize("writes", ["direct", "page-cache"])
 def test_large_instance_is_streamed_to_disk(running: Running, chest_ct_dir: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the memory limit the data set goes to its temp file as it arrives; same outcome."""
+                                            monkeypatch: pytest.MonkeyPatch, writes: str) -> None:
+    """Above the memory limit the data set goes to its temp file as it arrives and the header is
+    read back from the file; same outcome with direct I/O (written in 8 KiB steps here) and with
+    page-cache writes."""
     monkeypatch.setattr(ingest, "MEMORY_COPY_LIMIT", 64 * 1024)
+    if writes == "direct":
+        if not running.store.direct_io:
+            pytest.skip("the filesystem of the test's temp folder does not take O_DIRECT")
+        running.store.staging = StagingPool(flush_bytes=8192)
+    else:
+        running.store.direct_io = False
     path = sorted(chest_ct_dir.glob("*.dcm"))[0]
     ds = pydicom.dcmread(path)
     ae = AE(ae_title="PEER")
