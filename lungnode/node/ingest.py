@@ -222,8 +222,14 @@ class ReceivedDataset:
                 self.error = exc
 
     def sync(self) -> tuple[Path, str]:
-        """Make the temp file durable and close it; its path and the SHA-256 of its bytes."""
-        assert self.path is not None and self.error is None
+        """Make the temp file durable and close it; its path and the SHA-256 of its bytes.
+
+        Raises the kept write error, if any (callers check :attr:`error` first).
+        """
+        self.complete()
+        if self.error is not None:
+            raise self.error
+        assert self.path is not None
         fd, self.fd = self.fd, -1
         try:
             if self.store.fsync:
