@@ -125,4 +125,9 @@ class NodeApp:
             pass
         self.stop()
         LOG.info("lungnode stopped")
+        # Everything is stopped and recorded. A late SIGTERM (a supervisor repeating it) must not
+        # turn the clean exit into a kill: at interpreter exit Python puts back the default
+        # action of every signal it handled, but leaves ignored ones ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 0

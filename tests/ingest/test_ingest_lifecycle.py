@@ -67,6 +67,21 @@ def test_sigterm_lets_open_association_finish(make_node: Callable[..., LungnodeP
     assert (node.root / ".clean-shutdown").exists()
 
 
+def test_a_second_sigterm_while_exiting_keeps_the_clean_exit(
+        make_node: Callable[..., LungnodeProcess]) -> None:
+    """A supervisor that repeats SIGTERM after the node logged its stop still sees exit status 0."""
+    node = make_node()
+    node.wait_running()
+    assert node.proc is not None
+    node.proc.terminate()
+    deadline = time.monotonic() + 60
+    while "lungnode stopped" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    node.proc.terminate()  # lands while the interpreter is shutting down (or after it exited)
+    assert node.proc.wait(60) == 0
+    assert (node.root / ".clean-shutdown").exists()
+
+
 def _check_durable(node: LungnodeProcess, sent: dict[Path, int | None]) -> tuple[int, int]:
     """Every acknowledged instance is on disk with its bytes and in the database; no orphans."""
     rows = with_db(node, lambda s: list(s.execute(select(Instance)).scalars()))
