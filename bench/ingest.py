@@ -96,13 +96,14 @@ def send(port: int, aec: str, parts: Sequence[Sequence[Path]]) -> float:
     """Run one storescu per part in parallel; return the wall time (all must succeed)."""
     start = time.perf_counter()
     procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port),
-                               *map(str, part)], env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for part in parts]
-    errors = [p.communicate()[1] for p in procs]
+                               *map(str, part)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for part in parts]
+    outputs = [p.communicate()[0] for p in procs]
     elapsed = time.perf_counter() - start
-    for p, err in zip(procs, errors, strict=True):
+    for p, out in zip(procs, outputs, strict=True):
         if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+            raise RuntimeError(f"storescu to {aec} exited with {p.returncode}: "
+                               f"{out.decode(errors='replace')[-500:] or '(no output)'}")
     return elapsed
 
 
@@ -212,6 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     one = [files]
     four = [files[i::4] for i in range(4)]
     work = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
+    # Every run's storage is kept until the end (see the module docstring): two copies of the
+    # series per receiver and round, plus the databases.
+    receivers = (1 + len(args.listener_processes)) + 2 * (("storescp" not in args.skip)
+                                                          + ("orthanc" not in args.skip))
+    needed_mb = args.runs * receivers * mb * 1.1
+    free_mb = shutil.disk_usage(work).free / 1e6
+    if free_mb < needed_mb:
+        shutil.rmtree(work, ignore_errors=True)
+        parser.error(f"{work.parent} has {free_mb:,.0f} MB free; {args.runs} rounds need about "
+                     f"{needed_mb:,.0f} MB (fewer --runs, or TMPDIR on a larger disk)")
     print(f"series: {len(files)} slices, {mb:.0f} MB; load average before: {os.getloadavg()}")
 
     cases: list[tuple[str, Callable[[], float]]] = []
