@@ -38,7 +38,7 @@ from lungnode.node.policy import (
 )
 from lungnode.ops import metrics
 from lungnode.storage.catalog import Catalog, Filed, Incoming, InstanceFields
-from lungnode.storage.filestore import DiskFullError, FileStore
+from lungnode.storage.filestore import DiskFullError, FileStore, write_all
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
 
 LOG = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class ReceivedDataset:
                 if self._direct is not None:
                     self._direct.write(chunk)
                 else:
-                    _write_all(self.fd, chunk)
+                    write_all(self.fd, chunk)
             except OSError as exc:
                 self.error = exc
 
@@ -275,12 +275,6 @@ class ReceivedDataset:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class StoreHandler:

@@ -101,7 +101,7 @@ class DirectWriter:
     def _flush_blocks(self) -> None:
         """Write the whole blocks gathered and keep the partial one at the start of the buffer."""
         whole = self._filled - self._filled % DIRECT_IO_ALIGN
-        _write_all(self.fd, self.view[:whole])
+        write_all(self.fd, self.view[:whole])
         rest = self._filled - whole
         if rest:
             self.view[:rest] = self.view[whole:self._filled]
@@ -110,13 +110,12 @@ class DirectWriter:
     def finish(self) -> None:
         """Write what is left: the whole blocks direct, the last partial block through the page
         cache (``O_DIRECT`` is switched off for it; the caller's fdatasync writes it)."""
-        whole = self._filled - self._filled % DIRECT_IO_ALIGN
-        if whole:
-            _write_all(self.fd, self.view[:whole])
-        if whole < self._filled:
+        if self._filled >= DIRECT_IO_ALIGN:
+            self._flush_blocks()
+        if self._filled:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            _write_all(self.fd, self.view[whole:self._filled])
+            write_all(self.fd, self.view[:self._filled])
         self._filled = 0
 
     def close(self) -> None:
@@ -163,9 +162,11 @@ class StagingPool:
         buffer.close()
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than it was given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def supports_direct_io(folder: Path) -> bool:
@@ -260,7 +261,10 @@ class FileStore:
         The caller writes into the page cache and, with ``fsync`` on, calls ``os.fdatasync``
         when the file is complete, before :meth:`commit_temp` or its own rename.
         """
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        return self._create_temp(0)
+
+    def _create_temp(self, extra_flags: int) -> tuple[int, Path]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | extra_flags
         path = self.tmp / f"{uuid.uuid4().hex}.part"
         return os.open(path, flags, 0o600), path
 
@@ -273,9 +277,7 @@ class FileStore:
         if not self.direct_io:
             fd, path = self.open_temp()
             return fd, path, None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
-        path = self.tmp / f"{uuid.uuid4().hex}.part"
-        fd = os.open(path, flags, 0o600)
+        fd, path = self._create_temp(os.O_DIRECT)
         return fd, path, DirectWriter(fd, self.staging)
 
     def write_bytes(self, relpath: str, data: bytes | memoryview) -> Path:
