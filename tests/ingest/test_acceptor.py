@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import socket
+import ssl
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +52,7 @@ IMPLICIT = "1.2.840.10008.1.2"
 class Running:
     """A listener in this process and its storage."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node_settings: str = "") -> None:
         self.port = free_port()
         (root / "config.toml").write_text(f"""
 [node]
@@ -58,6 +60,7 @@ ae_title = "LUNGNODE"
 bind = "127.0.0.1"
 port = {self.port}
 acse_timeout_s = 5.0
+{node_settings}
 [[node.peers]]
 ae_title = "PEER"
 host = "127.0.0.1"
@@ -165,9 +168,11 @@ def p_data(context_id: int, data: bytes, *, command: bool, last: bool = True) ->
     return struct.pack(">BxIIBB", 4, len(data) + 6, len(data) + 2, context_id, control) + data
 
 
-def open_association(port: int, contexts: list[tuple[int, str, list[str]]],
-                     window: bool = False) -> tuple[socket.socket, A_ASSOCIATE_AC]:
+def open_association(port: int, contexts: list[tuple[int, str, list[str]]], window: bool = False,
+                     tls: ssl.SSLContext | None = None) -> tuple[socket.socket, A_ASSOCIATE_AC]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
     sock.sendall(associate_rq(contexts, window=window))
     pdu_type, raw = read_pdu(sock)
     assert pdu_type == pdu.A_ASSOCIATE_AC_TYPE
@@ -374,6 +379,55 @@ def test_a_data_set_cut_short_leaves_nothing(running: Running, chest_ct_dir: Pat
     assert echo(running.port) == 0  # the cut association has been served to its end by now
     assert running.instances() == 0
     assert running.temp_files() == []
+
+
+@pytest.mark.parametrize("stall", ["idle", "mid-data-set", "idle-tls", "mid-data-set-tls"])
+def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir: Path,
+                                                     certs: dict[str, Path], stall: str) -> None:
+    """An association that goes quiet between messages is ended after ``network_timeout_s``, one
+    that stops in the middle of a data set after ``dimse_timeout_s`` (plain TCP and DICOM TLS);
+    nothing is kept of the half data set and the node goes on serving."""
+    settings = "network_timeout_s = 1.0\ndimse_timeout_s = 2.0"
+    tls = None
+    if stall.endswith("-tls"):
+        settings += (f'\n[node.tls]\ncert = "{certs["server_pem"]}"\n'
+                     f'key = "{certs["server_key"]}"')
+        tls = ssl.create_default_context(cafile=str(certs["ca_pem"]))
+    node = Running(tmp_path, settings)
+    node.worker.start()
+    try:
+        sock, _ac = open_association(node.port, [(1, CT, [EXPLICIT])], tls=tls)
+        expected = 1.0
+        if stall.startswith("mid-data-set"):
+            ds = pydicom.dcmread(sorted(chest_ct_dir.glob("*.dcm"))[0])
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, ds)
+            sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001,
+                                               MessageID=1, Priority=0, CommandDataSetType=0x0000,
+                                               AffectedSOPInstanceUID=str(ds.SOPInstanceUID)),
+                                command=True))
+            sock.sendall(p_data(1, bytes(fp.getvalue())[:5000], command=False, last=False))
+            expected = 2.0
+        started = time.monotonic()
+        sock.settimeout(expected + 10)
+        try:
+            closed = sock.recv(64) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed, "the node should have closed the connection"
+        waited = time.monotonic() - started
+        assert expected - 0.3 <= waited <= expected + 5, waited
+        sock.close()
+        if tls is None:
+            assert echo(node.port) == 0
+        else:
+            sock, _ac = open_association(node.port, [(1, Verification, [IMPLICIT])], tls=tls)
+            sock.close()
+        assert node.instances() == 0 and node.temp_files() == []
+    finally:
+        node.worker.stop(5)
+        node.db.dispose()
 
 
 @pytest.mark.parametrize("writes", ["direct", "page-cache"])
