@@ -207,7 +207,7 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
     elements: dict[int, tuple[bytes | None, int, int]] = {}
     pixel_offset = -1
     # The loop reads each element header with one struct call (it runs ~90 times per CT header).
-    head, head_size = (_IMPLICIT_HEAD, 8) if implicit else (_EXPLICIT_HEAD, 8)
+    head = _IMPLICIT_HEAD if implicit else _EXPLICIT_HEAD  # both 8 bytes
     stops, long_vrs, valid_vrs, u32 = _STOPS, _LONG_VRS, _VALID_VRS, _U32
     try:
         offset = _dataset_offset(data)
@@ -226,7 +226,7 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
                 if vr in long_vrs:
                     (length,) = u32.unpack_from(data, offset + 8)
                     offset += 4
-            offset += head_size
+            offset += 8
             tag = (group << 16) | element
             stop = stops.get(tag)
             if stop is not None:

@@ -181,6 +181,19 @@ def open_association(port: int, contexts: list[tuple[int, str, list[str]]], wind
     return sock, ac
 
 
+def start_c_store(sock: socket.socket, path: Path) -> bytes:
+    """Send the C-STORE-RQ command of the file at ``path`` on context 1 (CT, explicit VR little
+    endian); its data set, encoded for that context, for the caller to send (or not)."""
+    ds = pydicom.dcmread(path)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1,
+                                       Priority=0, CommandDataSetType=0x0000,
+                                       AffectedSOPInstanceUID=str(ds.SOPInstanceUID)), command=True))
+    return bytes(fp.getvalue())
+
+
 # ---------------------------------------------------------------------------- tests
 def test_command_set_round_trip_with_pydicom() -> None:
     raw = command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=7, Priority=0,
@@ -361,16 +374,8 @@ def test_protocol_violations_get_an_abort_and_the_node_goes_on(running: Running)
 
 @pytest.mark.parametrize("ending", ["release", "drop"])
 def test_a_data_set_cut_short_leaves_nothing(running: Running, chest_ct_dir: Path, ending: str) -> None:
-    path = sorted(chest_ct_dir.glob("*.dcm"))[0]
-    ds = pydicom.dcmread(path)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    body = bytes(fp.getvalue())
     sock, _ac = open_association(running.port, [(1, CT, [EXPLICIT])])
-    sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1,
-                                       Priority=0, CommandDataSetType=0x0000,
-                                       AffectedSOPInstanceUID=str(ds.SOPInstanceUID)), command=True))
+    body = start_c_store(sock, sorted(chest_ct_dir.glob("*.dcm"))[0])
     sock.sendall(p_data(1, body[:len(body) // 2], command=False, last=False))
     if ending == "release":
         sock.sendall(struct.pack(">BxI4x", 5, 4))
@@ -399,15 +404,8 @@ def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir
         sock, _ac = open_association(node.port, [(1, CT, [EXPLICIT])], tls=tls)
         expected = 1.0
         if stall.startswith("mid-data-set"):
-            ds = pydicom.dcmread(sorted(chest_ct_dir.glob("*.dcm"))[0])
-            fp = DicomBytesIO()
-            fp.is_little_endian, fp.is_implicit_VR = True, False
-            write_dataset(fp, ds)
-            sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001,
-                                               MessageID=1, Priority=0, CommandDataSetType=0x0000,
-                                               AffectedSOPInstanceUID=str(ds.SOPInstanceUID)),
-                                command=True))
-            sock.sendall(p_data(1, bytes(fp.getvalue())[:5000], command=False, last=False))
+            body = start_c_store(sock, sorted(chest_ct_dir.glob("*.dcm"))[0])
+            sock.sendall(p_data(1, body[:5000], command=False, last=False))
             expected = 2.0
         started = time.monotonic()
         sock.settimeout(expected + 10)
