@@ -332,8 +332,12 @@ class _DataPhase:
         reader, sock = self.reader, self.conn.sock
         idle_timeout = self.settings.network_timeout_s or None
         busy_timeout = self.settings.dimse_timeout_s or None
+        current = sock.gettimeout()
         while True:
-            sock.settimeout(idle_timeout if self.command is None else busy_timeout)
+            wanted = idle_timeout if self.command is None else busy_timeout
+            if wanted != current:  # settimeout is a system call that hands the GIL away
+                sock.settimeout(wanted)
+                current = wanted
             pdu_type, length = pdu.pdu_header(_read_exact(reader, 6))
             if pdu_type == pdu.P_DATA_TF_TYPE:
                 self._p_data(length)

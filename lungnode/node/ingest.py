@@ -172,10 +172,13 @@ class ReceivedDataset:
     The bytes are the file to be stored: preamble and file meta information, then the data set
     as sent. Each piece goes to the temp file (with ``O_DIRECT`` through the store's
     :class:`~lungnode.storage.filestore.DirectWriter` when the store uses direct I/O, else into
-    the page cache as it arrives), into the running SHA-256, and, up to
-    :data:`MEMORY_COPY_LIMIT`, into a memory copy for the header checks; a larger instance is
-    read back through ``mmap`` instead (memory stays bounded). :meth:`sync` makes the file
-    durable. A write error (disk full) is kept and reported at the end.
+    the page cache as it arrives) and, up to :data:`MEMORY_COPY_LIMIT`, into a memory copy for
+    the header checks and the SHA-256, which is taken over the whole copy in one call when the
+    data set is complete (each call hands the GIL to the other associations' threads and back,
+    so one call per instance instead of one per fragment). A larger instance is hashed piece by
+    piece from the moment it outgrows the limit and read back through ``mmap`` for the header
+    (memory stays bounded). :meth:`sync` makes the file durable. A write error (disk full) is
+    kept and reported at the end.
     """
 
     def __init__(self, store: FileStore, prefix: bytes) -> None:
@@ -185,6 +188,7 @@ class ReceivedDataset:
         self.fd, path, self._direct = store.open_direct()
         self.path: Path | None = path
         self._hash = hashlib.sha256()
+        self._hashed = False
         self._chunks: list[bytes] | None = []
         self._map: mmap.mmap | None = None
         self.write(prefix)
@@ -197,12 +201,15 @@ class ReceivedDataset:
     def write(self, chunk: bytes) -> None:
         """Take the next piece."""
         self.size += len(chunk)
-        self._hash.update(chunk)
-        if self._chunks is not None:
-            if self.size <= MEMORY_COPY_LIMIT:
-                self._chunks.append(chunk)
-            else:
-                self._chunks = None
+        if self._chunks is None:
+            self._hash.update(chunk)
+        elif self.size <= MEMORY_COPY_LIMIT:
+            self._chunks.append(chunk)
+        else:  # outgrew the memory copy: hash what it held, then each piece as it comes
+            for held in self._chunks:
+                self._hash.update(held)
+            self._hash.update(chunk)
+            self._chunks = None
         if self.error is None:
             try:
                 if self._direct is not None:
@@ -213,8 +220,12 @@ class ReceivedDataset:
                 self.error = exc
 
     def complete(self) -> None:
-        """The data set is complete: hand the last bytes to the file (a direct writer holds up to
-        a flush's worth). A write error is kept in :attr:`error`."""
+        """The data set is complete: hash the memory copy, hand the last bytes to the file (a
+        direct writer holds up to a flush's worth). A write error is kept in :attr:`error`."""
+        if not self._hashed:
+            if self._chunks is not None:
+                self._hash.update(self.contents())
+            self._hashed = True
         if self._direct is not None and self.error is None:
             try:
                 self._direct.finish()

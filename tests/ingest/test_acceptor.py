@@ -9,6 +9,7 @@ the standard says, leave no temp file or row behind, and keep serving.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import ssl
@@ -456,3 +457,6 @@ def test_large_instance_is_streamed_to_disk(running: Running, chest_ct_dir: Path
     assert back.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert back.file_meta.SourceApplicationEntityTitle.strip() == "PEER"
     assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
+    with running.db.session() as session:  # hashed piece by piece once it outgrew the memory copy
+        recorded = session.scalars(select(Instance.sha256)).one()
+    assert recorded == hashlib.sha256(stored.read_bytes()).hexdigest()
