@@ -173,12 +173,12 @@ class ReceivedDataset:
     as sent. Each piece goes to the temp file (with ``O_DIRECT`` through the store's
     :class:`~lungnode.storage.filestore.DirectWriter` when the store uses direct I/O, else into
     the page cache as it arrives) and, up to :data:`MEMORY_COPY_LIMIT`, into a memory copy for
-    the header checks and the SHA-256, which is taken over the whole copy in one call when the
-    data set is complete (each call hands the GIL to the other associations' threads and back,
-    so one call per instance instead of one per fragment). A larger instance is hashed piece by
-    piece from the moment it outgrows the limit and read back through ``mmap`` for the header
-    (memory stays bounded). :meth:`sync` makes the file durable. A write error (disk full) is
-    kept and reported at the end.
+    the header checks and the SHA-256, which :meth:`sync` takes over the whole copy in one call
+    (each call hands the GIL to the other associations' threads and back, so one call per
+    instance instead of one per fragment). A larger instance is hashed piece by piece from the
+    moment it outgrows the limit and read back through ``mmap`` for the header (memory stays
+    bounded). :meth:`sync` makes the file durable. A write error (disk full) is kept and
+    reported at the end.
     """
 
     def __init__(self, store: FileStore, prefix: bytes) -> None:
@@ -188,7 +188,6 @@ class ReceivedDataset:
         self.fd, path, self._direct = store.open_direct()
         self.path: Path | None = path
         self._hash = hashlib.sha256()
-        self._hashed = False
         self._chunks: list[bytes] | None = []
         self._map: mmap.mmap | None = None
         self.write(prefix)
@@ -220,12 +219,8 @@ class ReceivedDataset:
                 self.error = exc
 
     def complete(self) -> None:
-        """The data set is complete: hash the memory copy, hand the last bytes to the file (a
-        direct writer holds up to a flush's worth). A write error is kept in :attr:`error`."""
-        if not self._hashed:
-            if self._chunks is not None:
-                self._hash.update(self.contents())
-            self._hashed = True
+        """The data set is complete: hand the last bytes to the file (a direct writer holds up to
+        a flush's worth). A write error is kept in :attr:`error`."""
         if self._direct is not None and self.error is None:
             try:
                 self._direct.finish()
@@ -233,7 +228,8 @@ class ReceivedDataset:
                 self.error = exc
 
     def sync(self) -> tuple[Path, str]:
-        """Make the temp file durable and close it; its path and the SHA-256 of its bytes.
+        """Make the temp file durable and close it; its path and the SHA-256 of its bytes (a data
+        set still in memory is hashed here, in one call).
 
         Raises the kept write error, if any (callers check :attr:`error` first).
         """
@@ -241,6 +237,8 @@ class ReceivedDataset:
         if self.error is not None:
             raise self.error
         assert self.path is not None
+        if self._chunks is not None:
+            self._hash.update(self.contents())
         fd, self.fd = self.fd, -1
         try:
             if self.store.fsync:
