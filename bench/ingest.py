@@ -9,6 +9,11 @@ association and over 4 parallel associations (100 slices each) into, in turn:
 * DCMTK ``storescp`` (1 association) and ``storescp --fork`` (4), which do not fsync,
 * Orthanc (its default SyncStorageArea = fsync; SQLite index), with a config this script writes.
 
+With ``--breakdown``, two more 4-association cases show where the distance to ``storescp --fork``
+goes: lungnode with ``storage.fsync = false`` (no file or folder fsync, page-cache writes; SQLite
+still commits with ``synchronous=FULL``), and ``bench/acceptor_only.py``, lungnode's acceptor
+alone, which answers success and stores nothing (the network path's ceiling).
+
 Every DCMTK tool and Orthanc run with ``TCP_NODELAY=1``. The cases run round-robin, ``--runs``
 rounds, each on fresh storage; all of it is deleted at the end, not after each run (about 1.5 GB
 of disk per round). On ext4 without a journal, as on these machines, creating a file skips the
@@ -21,6 +26,7 @@ node and its listener processes) while ingesting and the load average before and
 Usage::
 
     .venv/bin/python bench/ingest.py [--runs 3] [--slices 400] [--listener-processes 1 2 4]
+                                     [--breakdown]
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from tests.node_process import LungnodeProcess  # noqa: E402
 
 SHARED = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 ENV = dict(os.environ, TCP_NODELAY="1")
+BREAKDOWN_FSYNC_OFF = "lungnode x4, storage.fsync = false"
+BREAKDOWN_ACCEPTOR = "acceptor alone x4 (stores nothing)"
 
 
 def free_port() -> int:
@@ -143,11 +151,12 @@ class Sampler:
         self._thread.join()
 
 
-def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int) -> tuple[float, int]:
+def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int,
+                 fsync: bool = True) -> tuple[float, int]:
     node = LungnodeProcess(work / f"lungnode-{time.monotonic_ns()}", {
         "node": {"listener_processes": processes, "max_associations": 16,
                  "peers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}]},
-        "completion": {"quiet_period_s": 3600.0}, "storage": {"fsync": True}})
+        "completion": {"quiet_period_s": 3600.0}, "storage": {"fsync": fsync}})
     node.start(timeout=120)
     node.wait_running()  # the listener opens the port before the other services have started
     try:
@@ -160,6 +169,28 @@ def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int) ->
         return elapsed, sampler.peak
     finally:
         node.stop()
+
+
+def run_acceptor_only(parts: Sequence[Sequence[Path]]) -> float:
+    """``bench/acceptor_only.py``: lungnode's network path, storing nothing."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "acceptor_only.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/acceptor_only.py did not start")
+        elapsed = send(port, "ACCEPTOR", parts)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    received = json.loads(out.strip().splitlines()[-1])
+    expected = sum(len(p) for p in parts)
+    expected_bytes = sum(p.stat().st_size for part in parts for p in part)
+    # The data set is the file minus preamble, "DICM" and file meta (a few hundred bytes each).
+    if received["instances"] != expected or not 0 < expected_bytes - received["bytes"] < 1024 * expected:
+        raise RuntimeError(f"acceptor_only received {received}, expected {expected} instances")
+    return elapsed
 
 
 def run_storescp(work: Path, parts: Sequence[Sequence[Path]], fork: bool) -> float:
@@ -206,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listener-processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lungnode-bench-series")
     parser.add_argument("--skip", nargs="*", default=[], choices=["storescp", "orthanc"])
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also run lungnode with fsync off and the acceptor alone (4 associations)")
     args = parser.parse_args(argv)
 
     files = make_series(args.cache / str(args.slices), args.slices)
@@ -215,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     # Every run's storage is kept until the end (see the module docstring): two copies of the
     # series per receiver and round, plus the databases.
-    receivers = (1 + len(args.listener_processes)) + 2 * (("storescp" not in args.skip)
-                                                          + ("orthanc" not in args.skip))
+    receivers = 1 + len(args.listener_processes) + args.breakdown + 2 * (
+        ("storescp" not in args.skip) + ("orthanc" not in args.skip))
     needed_mb = args.runs * receivers * mb * 1.1
     free_mb = shutil.disk_usage(work).free / 1e6
     if free_mb < needed_mb:
@@ -228,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases: list[tuple[str, Callable[[], float]]] = []
     peaks: dict[str, int] = {}
 
-    def lungnode_case(key: str, parts: list[list[Path]], procs: int) -> Callable[[], float]:
+    def lungnode_case(key: str, parts: list[list[Path]], procs: int, fsync: bool = True
+                      ) -> Callable[[], float]:
         def run() -> float:
-            elapsed, rss = run_lungnode(work, parts, procs)
+            elapsed, rss = run_lungnode(work, parts, procs, fsync)
             peaks[key] = max(peaks.get(key, 0), rss)
             return elapsed
         return run
@@ -242,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases += [(f"lungnode x4 (listener_processes={procs})",
                        lungnode_case(f"lungnode x4 (listener_processes={procs})", four, procs))
                       for procs in args.listener_processes]
+            if args.breakdown:
+                cases += [(BREAKDOWN_FSYNC_OFF, lungnode_case(BREAKDOWN_FSYNC_OFF, four, 1, fsync=False)),
+                          (BREAKDOWN_ACCEPTOR, functools.partial(run_acceptor_only, four))]
         if "storescp" not in args.skip:
             fork = label == "x4"
             cases.append(("storescp --fork x4" if fork else "storescp x1",
@@ -265,13 +302,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         rss = f"{peaks[key] / 1e6:.0f}" if key in peaks else ""
         print(f"{key:44} {n / elapsed:8.1f} {mb / elapsed:8.1f} {rss:>12}")
     rate = {k: n / v for k, v in results.items()}
-    best4 = max((v for k, v in rate.items() if k.startswith("lungnode x4")), default=0.0)
+    best4 = max((v for k, v in rate.items() if k.startswith("lungnode x4 (")), default=0.0)
     if "orthanc x1" in rate:
         print(f"lungnode/Orthanc: 1 association {rate['lungnode x1'] / rate['orthanc x1']:.2f}x "
               f"(goal >= 1.0), 4 associations {best4 / rate['orthanc x4']:.2f}x (goal >= 1.2)")
     if "storescp x1" in rate:
         print(f"lungnode/storescp: 1 association {rate['lungnode x1'] / rate['storescp x1']:.2f}x, "
               f"4 associations {best4 / rate['storescp --fork x4']:.2f}x (goal >= 0.5 vs --fork)")
+    if args.breakdown and "storescp --fork x4" in rate:
+        fork_rate = rate["storescp --fork x4"]
+        print(f"4 associations / storescp --fork: lungnode {best4 / fork_rate:.2f}x, "
+              f"fsync off {rate[BREAKDOWN_FSYNC_OFF] / fork_rate:.2f}x, "
+              f"acceptor alone {rate[BREAKDOWN_ACCEPTOR] / fork_rate:.2f}x")
     print(f"load average after: {os.getloadavg()}")
     return 0
 
