@@ -231,12 +231,9 @@ class ReceivedDataset:
         """Make the temp file durable and close it; its path and the SHA-256 of its bytes (a data
         set still in memory is hashed here, in one call).
 
-        Raises the kept write error, if any (callers check :attr:`error` first).
+        Call after :meth:`complete`, when :attr:`error` is ``None``.
         """
-        self.complete()
-        if self.error is not None:
-            raise self.error
-        assert self.path is not None
+        assert self.path is not None and self.error is None
         if self._chunks is not None:
             self._hash.update(self.contents())
         fd, self.fd = self.fd, -1
