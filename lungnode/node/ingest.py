@@ -173,12 +173,11 @@ class ReceivedDataset:
     as sent. Each piece goes to the temp file (with ``O_DIRECT`` through the store's
     :class:`~lungnode.storage.filestore.DirectWriter` when the store uses direct I/O, else into
     the page cache as it arrives) and, up to :data:`MEMORY_COPY_LIMIT`, into a memory copy for
-    the header checks and the SHA-256, which :meth:`sync` takes over the whole copy in one call
-    (each call hands the GIL to the other associations' threads and back, so one call per
-    instance instead of one per fragment). A larger instance is hashed piece by piece from the
-    moment it outgrows the limit and read back through ``mmap`` for the header (memory stays
-    bounded). :meth:`sync` makes the file durable. A write error (disk full) is kept and
-    reported at the end.
+    the header checks and the SHA-256. :meth:`sync` hashes that copy in one call (each call
+    hands the GIL to the other associations' threads and back, so one call per instance instead
+    of one per fragment). A larger instance is hashed piece by piece from the moment it outgrows
+    the limit and read back through ``mmap`` for the header (memory stays bounded). :meth:`sync`
+    makes the file durable. A write error (disk full) is kept and reported at the end.
     """
 
     def __init__(self, store: FileStore, prefix: bytes) -> None:

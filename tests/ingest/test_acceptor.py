@@ -83,14 +83,19 @@ quiet_period_s = 3600.0
     def temp_files(self) -> list[Path]:
         return sorted(self.store.tmp.iterdir())
 
+    def __enter__(self) -> Running:
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.stop(5)
+        self.db.dispose()
+
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[Running]:
-    node = Running(tmp_path)
-    node.worker.start()
-    yield node
-    node.worker.stop(5)
-    node.db.dispose()
+    with Running(tmp_path) as node:
+        yield node
 
 
 def echo(port: int) -> int:
@@ -399,9 +404,7 @@ def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir
         settings += (f'\n[node.tls]\ncert = "{certs["server_pem"]}"\n'
                      f'key = "{certs["server_key"]}"')
         tls = ssl.create_default_context(cafile=str(certs["ca_pem"]))
-    node = Running(tmp_path, settings)
-    node.worker.start()
-    try:
+    with Running(tmp_path, settings) as node:
         sock, _ac = open_association(node.port, [(1, CT, [EXPLICIT])], tls=tls)
         expected = 1.0
         if stall.startswith("mid-data-set"):
@@ -424,9 +427,6 @@ def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir
             sock, _ac = open_association(node.port, [(1, Verification, [IMPLICIT])], tls=tls)
             sock.close()
         assert node.instances() == 0 and node.temp_files() == []
-    finally:
-        node.worker.stop(5)
-        node.db.dispose()
 
 
 @pytest.mark.parametrize("writes", ["direct", "page-cache"])
