@@ -31,13 +31,11 @@ from __future__ import annotations
 import sys
 
 from ohif_proof.checks import SliceCheck
-from ohif_proof.common import OHIF_VERSION, missing_prerequisites
+from ohif_proof.common import missing_prerequisites
 from ohif_proof.images import load_png
-from ohif_proof.populate import threshold_engine
 from ohif_proof.proof import ProofReport, main, run_proof
 
-__all__ = ["OHIF_VERSION", "ProofReport", "SliceCheck", "load_png", "main", "missing_prerequisites",
-           "run_proof", "threshold_engine"]
+__all__ = ["ProofReport", "SliceCheck", "load_png", "main", "missing_prerequisites", "run_proof"]
 
 if __name__ == "__main__":
     sys.exit(main())

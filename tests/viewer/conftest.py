@@ -1,6 +1,7 @@
 """Fixtures of the viewer proof: prerequisites, the OHIF dist, and the artefact folder.
 
-The steps themselves live in ``tools/viewer_proof.py`` (also a script that leaves the pictures).
+The steps themselves live in ``tools/ohif_proof`` (command line: ``tools/viewer_proof.py``, a script that
+leaves the pictures).
 """
 
 from __future__ import annotations

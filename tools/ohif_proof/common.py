@@ -62,6 +62,23 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
                        + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def dark_inside_body(bright: Mask) -> Mask:
+    """The pixels outside ``bright`` that its largest connected region encloses, after a
+    two-step binary opening (specks dropped); all False when ``bright`` is empty.
+
+    The body is that largest region with its holes filled; the lungs are dark inside it (used on
+    HU slices and on screenshots alike).
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        return np.zeros(bright.shape, dtype=bool)
+    sizes = ndimage.sum(bright, labels, index=range(1, n + 1))
+    body = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+    return np.asarray(ndimage.binary_opening(body & ~bright, iterations=2), dtype=bool)
+
+
 def missing_prerequisites() -> list[str]:
     """What this machine lacks for the viewer proof (empty when everything is there)."""
     missing = []

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from ohif_proof.common import RGB, Mask
+
+from ohif_proof.common import RGB, Mask, dark_inside_body
 
 #: Colours of the harness SEG (the node's own SEG carries its colours; the checks read them from it).
 HARNESS_LUNG_RGB: RGB = (128, 174, 255)
@@ -24,14 +25,7 @@ def threshold_lung_mask(hu: npt.NDArray[np.floating[Any]]) -> Mask:
     """
     from scipy import ndimage
 
-    dense = hu > -400
-    labels, n = ndimage.label(dense)
-    if n == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    sizes = ndimage.sum(dense, labels, index=range(1, n + 1))
-    body = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
-    air = body & ~dense
-    air = ndimage.binary_opening(air, iterations=2)
+    air = dark_inside_body(hu > -400)
     labels, n = ndimage.label(air)
     keep = np.zeros(hu.shape, dtype=bool)
     for i in range(1, n + 1):

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ohif_proof.common import RGB, ImageU8, Mask
+
+from ohif_proof.common import RGB, ImageU8, Mask, dark_inside_body
 
 
 def cielab_to_rgb(lab16: Sequence[int]) -> RGB:
@@ -54,18 +55,8 @@ def rendered_lung_region(image: ImageU8, dark: int = 60) -> Mask:
     The body is the largest connected bright region (grey value above ``dark``) with its holes
     filled; the lungs are the dark pixels inside it (small specks dropped).
     """
-    from scipy import ndimage
-
     grey = image[..., :3].astype(np.float32).mean(axis=-1)
-    bright = grey > dark
-    labels, n = ndimage.label(bright)
-    if n == 0:
-        return np.zeros(grey.shape, dtype=bool)
-    sizes = ndimage.sum(bright, labels, index=range(1, n + 1))
-    body = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
-    lungs = body & ~bright
-    lungs = ndimage.binary_opening(lungs, iterations=2)
-    return np.asarray(lungs, dtype=bool)
+    return dark_inside_body(grey > dark)
 
 
 def load_png(path: Path) -> ImageU8:
