@@ -25,10 +25,9 @@ from lungnode.inference.checkpoint import BundleMetadata, file_sha256, load_bund
 from lungnode.inference.geometry import GeometryPolicy
 from lungnode.inference.lungmask import (
     LungMaskOptions,
-    body_mask,
-    drop_stray_components,
-    split_left_right,
-    threshold_lung_mask,
+    ThresholdLungs,
+    anatomical_lung_mask,
+    threshold_lungs,
 )
 from lungnode.inference.measurements import measure_volume
 from lungnode.inference.predict import (
@@ -207,10 +206,10 @@ class InferenceEngine:
                                     sha256=file_sha256(self.bundle_path),
                                     family=f"3D U-Net, {meta.model.encoder} encoder")
 
-    def _threshold_lungs(self, volume: SeriesVolume) -> tuple[npt.NDArray[np.uint8], float]:
+    def _threshold_lungs(self, volume: SeriesVolume) -> tuple[ThresholdLungs, float]:
         t = time.perf_counter()
-        labels = threshold_lung_mask(volume, self.options.lung_mask, device=self.device)
-        return labels, time.perf_counter() - t
+        lungs = threshold_lungs(volume, self.options.lung_mask, device=self.device)
+        return lungs, time.perf_counter() - t
 
     def run(self, files: Sequence[Path]) -> InferenceResult:
         """Read one series from its files and run it (see :meth:`run_volume`).
@@ -263,11 +262,10 @@ class InferenceEngine:
         inf_idx = meta.class_index("infiltrate")
         assert inf_idx is not None  # validated on loading
         lung_idx = [meta.classes.index(c) for c in _LUNG_CLASSES if c in meta.classes]
-        # the threshold lung mask needs only HU: compute it while the network runs
+        # the threshold lungs need only HU: computed while the network runs; they are the lung
+        # mask of a model without a lung class and the anatomical reference for one with it
         pool = ThreadPoolExecutor(1)
-        lung_future: Future[tuple[npt.NDArray[np.uint8], float]] | None = None
-        if not lung_idx:
-            lung_future = pool.submit(self._threshold_lungs, volume)
+        lung_future: Future[tuple[ThresholdLungs, float]] = pool.submit(self._threshold_lungs, volume)
 
         t = time.perf_counter()
         overlap = meta.overlap if opt.overlap is None else opt.overlap
@@ -307,18 +305,18 @@ class InferenceEngine:
         times["to_source"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if model_lung is not None and model_lung.any():
-            kept = drop_stray_components(model_lung, body_mask(volume.hu))
-            lung_labels = split_left_right(kept, volume)
-            lung_source = "model"
-            times["lung_mask"] = time.perf_counter() - t
-        else:
-            if lung_future is None:
-                lung_future = pool.submit(self._threshold_lungs, volume)
-            lung_labels, times["lung_mask"] = lung_future.result()
-            lung_source = "threshold"
+        reference, times["lung_mask"] = lung_future.result()
         pool.shutdown()
         times["lung_mask_wait"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if model_lung is not None and model_lung.any():
+            lung_labels = anatomical_lung_mask(model_lung, reference, volume, opt.lung_mask)
+            lung_source = "model"
+        else:
+            lung_labels = reference.labels
+            lung_source = "threshold"
+        del reference
+        times["lung_anatomy"] = time.perf_counter() - t
 
         t = time.perf_counter()
         per_slice_ml = (volume.slice_thickness_weights() * volume.spacing_mm[1]

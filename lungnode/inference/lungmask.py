@@ -9,15 +9,28 @@ mapped back to the source grid by nearest neighbour):
 1. air = HU < ``air_hu`` (-400);
 2. outside air = 2D components of air touching the image border in each slice (removed);
 3. 3D components of the remaining air: the largest is kept, and the second too when it holds at
-   least ``second_lung_fraction`` of the first (two lungs not joined through the airways);
+   least ``second_lung_fraction`` of the first (two lungs not joined through the airways) *and*
+   its superior end lies in the upper half of the first one's cranio-caudal extent (a lung reaches
+   up to its apex; stomach or bowel gas starts at the diaphragm, so it never passes this test even
+   when it is large);
 4. trachea and main bronchi: per slice, 2D components smaller than ``airway_max_area_mm2``
    (600 mm^2) whose median HU is below ``airway_median_hu`` (-950; lumen air, while lung
-   parenchyma is about -850) are removed, then step 3 is repeated;
+   parenchyma is about -850) are removed (and remembered as the airway mask), then step 3 is
+   repeated;
 5. left/right: two separate components are assigned by the patient-space x of their centroid
    (DICOM LPS: patient right is -x, whatever the array orientation); a single component is cut at
    the patient-x plane with the fewest lung voxels in the central 30-70 % of its extent;
 6. holes: per lung and slice, a morphological closing of radius ``closing_mm`` (10 mm) and hole
    filling, so dense consolidation and vessels enclosed by the lung count as lung.
+
+Anatomy rules for a model's lung class (:func:`anatomical_lung_mask`): a network can call stomach
+or bowel gas, the oesophagus, the trachea or outside air "lung". Its mask is therefore checked
+against the threshold lungs (:class:`ThresholdLungs`): air voxels (HU < ``air_hu``) it marks are kept
+only inside the threshold lungs (grown by ``air_tolerance_px`` pixels in-plane for partial volume),
+airway voxels are removed, components that do not overlap the threshold lungs are dropped, and
+nothing below the *lung base* (the most caudal slice of the threshold lungs, i.e. the deepest
+point of the costophrenic recesses, minus ``base_margin_mm``) is kept. Dense voxels (consolidation
+the threshold misses) stay when they belong to a component that touches the aerated lungs.
 
 Limitations: consolidation touching the chest wall deeper than the closing radius is not
 recovered; a lung that is entirely consolidated in a slice is lost in that slice.
@@ -35,7 +48,16 @@ from scipy import ndimage
 from lungnode.inference.predict import labels_to_source, model_grid, resample_to_model_grid
 from lungnode.inference.types import LUNG_LEFT, LUNG_RIGHT, SeriesVolume
 
-__all__ = ["LungMaskOptions", "patient_x_of_voxels", "split_left_right", "threshold_lung_mask"]
+__all__ = [
+    "LungMaskOptions",
+    "ThresholdLungs",
+    "anatomical_lung_mask",
+    "patient_x_of_voxels",
+    "split_left_right",
+    "superior_sign",
+    "threshold_lung_mask",
+    "threshold_lungs",
+]
 
 
 @dataclass(frozen=True)
@@ -49,18 +71,71 @@ class LungMaskOptions:
     min_lung_ml: float = 5.0
     closing_mm: float = 10.0
     work_spacing_mm: tuple[float, float, float] = (2.5, 1.3, 1.3)
+    air_tolerance_px: int = 2
+    base_margin_mm: float = 10.0
 
 
-def _keep_lungs(mask: npt.NDArray[np.bool_], min_vox: int, frac: float) -> npt.NDArray[np.int32]:
-    """Label image holding the largest component and a sizeable second one (labels 1, 2)."""
+@dataclass(frozen=True)
+class ThresholdLungs:
+    """The threshold lung mask and what the anatomy rules need from it (source grid).
+
+    Attributes
+    ----------
+    labels:
+        ``uint8`` lung labels (0 background, 1 right, 2 left).
+    airway:
+        ``bool`` trachea and main bronchi found in step 4.
+    """
+
+    labels: npt.NDArray[np.uint8]
+    airway: npt.NDArray[np.bool_]
+
+
+def superior_sign(volume: SeriesVolume) -> float:
+    """+1 when increasing slice index goes towards the head, -1 towards the feet, 0 if not axial.
+
+    Parameters
+    ----------
+    volume:
+        Source geometry (DICOM LPS: +z is superior).
+
+    Returns
+    -------
+    float
+    """
+    nz = volume.direction[2][2]
+    return float(np.sign(nz)) if abs(nz) >= 0.5 else 0.0
+
+
+def _apex_ok(lab: npt.NDArray[np.int32], first: int, second: int, sup: float) -> bool:
+    """Whether component ``second`` reaches the upper half of component ``first``'s z-extent."""
+    if sup == 0.0:
+        return True
+    z1 = np.nonzero(np.bincount(np.nonzero(lab == first)[0], minlength=lab.shape[0]))[0]
+    z2 = np.nonzero(np.bincount(np.nonzero(lab == second)[0], minlength=lab.shape[0]))[0]
+    if sup > 0:
+        return bool(z2.max() >= (z1.min() + z1.max()) / 2.0)
+    return bool(z2.min() <= (z1.min() + z1.max()) / 2.0)
+
+
+def _keep_lungs(mask: npt.NDArray[np.bool_], min_vox: int, frac: float,
+                sup: float = 0.0) -> npt.NDArray[np.int32]:
+    """Label image holding the largest component and a sizeable second one (labels 1, 2).
+
+    With ``sup`` (:func:`superior_sign`) the second one must also reach the upper half of the first
+    one's cranio-caudal extent (a lung, not gas below the diaphragm).
+    """
     lab, n = ndimage.label(mask)
     if n == 0:
         return np.zeros(mask.shape, np.int32)
     sizes = np.bincount(lab.ravel())[1:]
     order = np.argsort(sizes)[::-1]
     keep = [order[0]] if sizes[order[0]] >= min_vox else []
-    if len(order) > 1 and keep and sizes[order[1]] >= max(min_vox, frac * sizes[order[0]]):
-        keep.append(order[1])
+    for cand in order[1:4]:  # the next few: the second lung may be smaller than stomach gas
+        if not keep or len(keep) == 2 or sizes[cand] < max(min_vox, frac * sizes[order[0]]):
+            break
+        if _apex_ok(lab, order[0] + 1, cand + 1, sup):
+            keep.append(cand)
     lut = np.zeros(n + 1, np.int32)
     for i, c in enumerate(keep):
         lut[c + 1] = i + 1
@@ -240,7 +315,30 @@ def threshold_lung_mask(
     volume: SeriesVolume, options: LungMaskOptions | None = None,
     device: torch.device | str = "cpu",
 ) -> npt.NDArray[np.uint8]:
-    """Lung labels (0 background, 1 right, 2 left) from HU alone.
+    """Lung labels (0 background, 1 right, 2 left) from HU alone (see :func:`threshold_lungs`).
+
+    Parameters
+    ----------
+    volume:
+        The series in HU.
+    options:
+        Thresholds (:class:`LungMaskOptions`).
+    device:
+        Where the resampling runs.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` labels on the source grid.
+    """
+    return threshold_lungs(volume, options, device).labels
+
+
+def threshold_lungs(
+    volume: SeriesVolume, options: LungMaskOptions | None = None,
+    device: torch.device | str = "cpu",
+) -> ThresholdLungs:
+    """Threshold lung labels and the airway mask (module docstring, steps 1-6).
 
     Parameters
     ----------
@@ -254,8 +352,8 @@ def threshold_lung_mask(
 
     Returns
     -------
-    numpy.ndarray
-        ``uint8`` labels on the source grid.
+    ThresholdLungs
+        Labels and airway mask on the source grid.
     """
     opt = options or LungMaskOptions()
     dz, dr, dc = volume.spacing_mm
@@ -274,6 +372,7 @@ def threshold_lung_mask(
                         slice_positions_mm=tuple(float(v) for v in grid.z_positions_mm - src_z[0]))
     voxel_ml = pz * pr * pc / 1000.0
     min_vox = max(1, int(opt.min_lung_ml / voxel_ml))
+    sup = superior_sign(volume)
 
     air = small < opt.air_hu
     for kk in range(air.shape[0]):
@@ -281,9 +380,10 @@ def threshold_lung_mask(
         if n:
             border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
             air[kk][np.isin(lab, border[border > 0])] = False
-    comps = _keep_lungs(air, min_vox, opt.second_lung_fraction)
+    comps = _keep_lungs(air, min_vox, opt.second_lung_fraction, sup)
     lung = comps > 0
 
+    airway = np.zeros(lung.shape, bool)
     max_area_px = opt.airway_max_area_mm2 / (pr * pc)
     for k in np.nonzero(lung.any(axis=(1, 2)))[0]:
         lab, n_lab = ndimage.label(lung[k])
@@ -294,10 +394,12 @@ def threshold_lung_mask(
         # median HU below the threshold <=> more than half of the pixels below it
         below = np.bincount(flat, weights=(small[k] < opt.airway_median_hu).ravel(),
                             minlength=n_lab + 1)[1:]
-        airway = np.nonzero((area < max_area_px) & (below > 0.5 * area))[0] + 1
-        if airway.size:
-            lung[k][np.isin(lab, airway)] = False
-    comps = _keep_lungs(lung, min_vox, opt.second_lung_fraction)
+        tube = np.nonzero((area < max_area_px) & (below > 0.5 * area))[0] + 1
+        if tube.size:
+            hit = np.isin(lab, tube)
+            lung[k][hit] = False
+            airway[k] |= hit
+    comps = _keep_lungs(lung, min_vox, opt.second_lung_fraction, sup)
     lung = comps > 0
     labels_small = split_left_right(lung, work, 1, comps)
 
@@ -310,5 +412,92 @@ def threshold_lung_mask(
     merged[left] = LUNG_LEFT
     merged[both] = np.where(labels_small[both] > 0, labels_small[both], LUNG_RIGHT)
     labels_small = merged
+    airway &= labels_small == 0
 
-    return labels_to_source(labels_small, grid)
+    return ThresholdLungs(labels=labels_to_source(labels_small, grid),
+                          airway=labels_to_source(airway.astype(np.uint8), grid).astype(bool))
+
+
+def lung_base_cut(
+    mask: npt.NDArray[np.bool_], reference: npt.NDArray[np.bool_], volume: SeriesVolume,
+    margin_mm: float = 10.0,
+) -> int:
+    """Clear ``mask`` in slices caudal to the reference lungs' base, in place.
+
+    The lung base is the most caudal slice holding reference lung (the deepest point of the
+    costophrenic recesses); slices more than ``margin_mm`` below it are below the diaphragm.
+
+    Parameters
+    ----------
+    mask:
+        Boolean mask on the source grid (modified in place).
+    reference:
+        Boolean lung mask defining the base (the threshold lungs).
+    volume:
+        Source geometry.
+    margin_mm:
+        Tolerance below the base.
+
+    Returns
+    -------
+    int
+        Number of voxels cleared.
+    """
+    sup = superior_sign(volume)
+    zs = np.nonzero(reference.any(axis=(1, 2)))[0]
+    if sup == 0.0 or zs.size == 0:
+        return 0
+    height = volume.slice_positions() * sup  # increases towards the head
+    base = float(height[zs].min())
+    below = np.nonzero(height < base - margin_mm)[0]
+    cleared = int(np.count_nonzero(mask[below]))
+    mask[below] = False
+    return cleared
+
+
+def anatomical_lung_mask(
+    model_lung: npt.NDArray[np.bool_], reference: ThresholdLungs, volume: SeriesVolume,
+    options: LungMaskOptions | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Apply the anatomy rules (module docstring) to a model's lung class and split it L/R.
+
+    Parameters
+    ----------
+    model_lung:
+        Boolean lung mask from a network, source grid.
+    reference:
+        The threshold lungs of the same volume (:func:`threshold_lungs`).
+    volume:
+        The series in HU.
+    options:
+        Thresholds (:class:`LungMaskOptions`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` labels (0, 1 right, 2 left) on the source grid; the threshold labels when the
+        model's mask has nothing left or the threshold found no lungs.
+    """
+    opt = options or LungMaskOptions()
+    ref = reference.labels > 0
+    if not ref.any():
+        return split_left_right(model_lung, volume)
+    lung = model_lung.copy()
+    if opt.air_tolerance_px > 0:
+        grown = ndimage.binary_dilation(ref, np.ones((1, 3, 3), bool),
+                                        iterations=opt.air_tolerance_px)
+    else:
+        grown = ref
+    lung &= ~((volume.hu < opt.air_hu) & ~grown)  # air the threshold lungs do not hold
+    lung &= ~reference.airway
+    lung_base_cut(lung, ref, volume, opt.base_margin_mm)
+    lab, n = ndimage.label(lung)
+    if n:
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        overlap = np.bincount(lab.ravel(), weights=ref.ravel(), minlength=n + 1)
+        keep = (overlap >= 0.05 * sizes) & (sizes >= 1)
+        keep[0] = False
+        lung = keep[lab]
+    if not lung.any():
+        return reference.labels
+    return split_left_right(lung, volume)
