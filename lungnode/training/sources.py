@@ -46,6 +46,20 @@ def recipe_cases(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[li
                               d.workers, cache)
         val = phantom_cases(d.phantom_val, held, opts, VAL_SEED0, "val", "phantom-heldout", d.workers, cache)
         return train, val
+    if d.source == "real":
+        from lungnode.training.realcases import default_real_root, real_cases
+
+        bank = default_lesion_bank(d.lesion_bank)
+        root = Path(d.real_root) if d.real_root else default_real_root()
+        repo = Path(__file__).resolve().parents[2]
+        cache_real = cache if cache is not None else repo / ".cache" / "cases"
+        train, val = real_cases(root, tuple(d.spacing_mm), bank, d.held_out_fraction,  # type: ignore[arg-type]
+                                d.painted_per_host, d.val_per_host, cache_real, log)
+        if d.phantom_train > 0:  # phantoms may stay in the mix
+            train_bank, _ = bank.split(d.held_out_fraction)
+            train += phantom_cases(d.phantom_train, train_bank, _options(recipe), TRAIN_SEED0, "train",
+                                   "phantom", d.workers, cache_real)
+        return train, val
     from lungnode.training.datasets import split_cases
 
     return split_cases(recipe, log)

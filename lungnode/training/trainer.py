@@ -40,7 +40,7 @@ from lungnode.training.cases import Case
 from lungnode.training.metrics import dice_score
 from lungnode.training.recipe import Recipe, StageSpec
 
-__all__ = ["ResidentCase", "TrainResult", "make_targets", "predict_case", "train"]
+__all__ = ["ResidentCase", "TrainResult", "init_from_bundle", "make_targets", "predict_case", "train"]
 
 
 @dataclass
@@ -131,6 +131,32 @@ def predict_case(model: nn.Module, hu: torch.Tensor, stage: StageSpec, classes: 
     probs = predict_probabilities(model, vol.cpu(), patch, overlap=overlap, activation=activation,
                                   device=device)
     return _probs_to_masks(probs.float().cpu(), classes, activation)
+
+
+def init_from_bundle(model: UNet3D, bundle: Path | str) -> int:
+    """Copy every tensor of a bundle whose name and shape match into ``model``.
+
+    Parameters
+    ----------
+    model:
+        Freshly built network.
+    bundle:
+        A lungnode bundle (e.g. the phantom-trained demo model).
+
+    Returns
+    -------
+    int
+        Tensors copied.
+    """
+    from lungnode.inference.checkpoint import load_bundle
+
+    src, _ = load_bundle(bundle)
+    theirs = src.state_dict()
+    mine = model.state_dict()
+    same = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    mine.update(same)
+    model.load_state_dict(mine)
+    return len(same)
 
 
 def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int,
@@ -267,8 +293,12 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = build_model(recipe.model)
+    if recipe.train.init_bundle:
+        n_init = init_from_bundle(model, recipe.train.init_bundle)
+        log(f"initialised {n_init} tensors from {recipe.train.init_bundle}")
     if recipe.train.pretrained:
-        unused = load_encoder_weights(model, recipe.train.pretrained, recipe.train.pretrained_kind)
+        unused = load_encoder_weights(model, recipe.train.pretrained, recipe.train.pretrained_kind,
+                                      expected_sha256=recipe.train.pretrained_sha256 or None)
         log(f"pretrained encoder from {recipe.train.pretrained} ({len(unused)} unused keys)")
     model.to(dev)
     if cuda:
