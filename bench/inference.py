@@ -125,16 +125,23 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     spacing = tuple(float(v) for v in args.spacing.split(","))
     patch = tuple(int(v) for v in args.patch.split(","))
     tta = tuple(int(v) for v in args.tta.split(",")) if args.tta else ()
-    cfg = ModelConfig(encoder_depth=VARIANTS[args.worker])
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "bench.safetensors"
-        torch.manual_seed(0)
-        save_bundle(bundle, build_model(cfg), BundleMetadata(
-            name=f"bench-{args.worker}", version="0", model=cfg, spacing_mm=spacing,  # type: ignore[arg-type]
-            patch_size=patch, overlap=args.overlap, weights_dtype="float16"))  # type: ignore[arg-type]
-        opts = EngineOptions(tta_axes=tta, threads=args.threads or None,
-                             sw_batch_size=args.sw_batch or None)
-        engine = InferenceEngine(bundle, device=args.device, options=opts)
+    opts = EngineOptions(tta_axes=tta, threads=args.threads or None,
+                         sw_batch_size=args.sw_batch or None)
+    if args.worker == "bundle":  # a real bundle with its own spacing and patch
+        engine = InferenceEngine(Path(args.bundle) if args.bundle else None, device=args.device,
+                                 options=opts)
+        cfg = engine.metadata.model
+        spacing, patch, args.overlap = (engine.metadata.spacing_mm, engine.metadata.patch_size,
+                                        engine.metadata.overlap)
+    else:
+        cfg = ModelConfig(encoder_depth=VARIANTS[args.worker])
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = Path(tmp) / "bench.safetensors"
+            torch.manual_seed(0)
+            save_bundle(bundle, build_model(cfg), BundleMetadata(
+                name=f"bench-{args.worker}", version="0", model=cfg, spacing_mm=spacing,  # type: ignore[arg-type]
+                patch_size=patch, overlap=args.overlap, weights_dtype="float16"))  # type: ignore[arg-type]
+            engine = InferenceEngine(bundle, device=args.device, options=opts)
     cuda = engine.device.type == "cuda"
     # warm-up on a small crop (kernel selection, lazy imports)
     from dataclasses import replace
@@ -194,7 +201,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", default="full,trunc2")
+    ap.add_argument("--variants", default="full,trunc2",
+                    help="full, trunc3, trunc2 (random weights) and/or bundle (--bundle or the default)")
+    ap.add_argument("--bundle", default="", help="bundle for the 'bundle' variant (default: the shipped one)")
     ap.add_argument("--spacing", default="3.0,1.6,1.6", help="model spacing z,y,x mm")
     ap.add_argument("--patch", default="96,224,224", help="largest patch z,y,x")
     ap.add_argument("--overlap", type=float, default=0.25)
