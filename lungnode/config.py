@@ -310,7 +310,7 @@ class JobsConfig:
 class InferenceConfig:
     """The inference engine."""
 
-    #: Model bundle (.safetensors); empty = the bundled demo model.
+    #: Model bundle (.safetensors); empty = the bundled model (lungnode-ct).
     model: str = ""
     #: ``auto`` (GPU when present), ``cpu`` or ``cuda``/``cuda:N``.
     device: str = "auto"

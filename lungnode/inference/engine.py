@@ -52,8 +52,8 @@ _LUNG_CLASSES = ("lung", "lung_right", "lung_left")
 
 
 def default_bundle_path() -> Path:
-    """Path of the demo model shipped with the package (``lungnode/models/lungnode-demo.safetensors``)."""
-    return Path(__file__).resolve().parent.parent / "models" / "lungnode-demo.safetensors"
+    """Path of the model shipped with the package (``lungnode/models/lungnode-ct.safetensors``)."""
+    return Path(__file__).resolve().parent.parent / "models" / "lungnode-ct.safetensors"
 
 
 def available_cores() -> int:

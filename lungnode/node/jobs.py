@@ -106,7 +106,7 @@ def bundle_path(config: Config) -> Path | None:
     if config.inference.model:
         return Path(config.inference.model)
     # the same file as lungnode.inference.engine.default_bundle_path() (not imported: torch)
-    demo = Path(__file__).resolve().parents[1] / "models" / "lungnode-demo.safetensors"
+    demo = Path(__file__).resolve().parents[1] / "models" / "lungnode-ct.safetensors"
     return demo if demo.is_file() else None
 
 

@@ -79,7 +79,7 @@ def test_infer_folder_and_errors(tiny_bundle: Path, chest_ct_dir: Path, shared_d
 def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         InferenceEngine(tmp_path / "nope.safetensors")
-    assert default_bundle_path().name == "lungnode-demo.safetensors"
+    assert default_bundle_path().name == "lungnode-ct.safetensors"
     assert default_bundle_path().parent.name == "models"
 
 

@@ -82,7 +82,7 @@ def threshold_engine(config: Any) -> ThresholdEngine:
 
 
 #: The model bundle ``lungnode run`` uses by default.
-DEMO_MODEL = REPO / "lungnode" / "models" / "lungnode-demo.safetensors"
+DEMO_MODEL = REPO / "lungnode" / "models" / "lungnode-ct.safetensors"
 
 
 def populate_harness(orthanc: Orthanc, ct_dir: Path, workdir: Path, shift: int = 0) -> None:
