@@ -127,6 +127,10 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     #: On SIGTERM, seconds open associations get to finish before they are aborted.
     shutdown_grace_s: float = 30.0
+    #: Connections that have not completed their association request (half-open: port scanners,
+    #: slow or stuck peers) held at once per listener process; a new one beyond this closes the
+    #: oldest of them.
+    max_pending_connections: int = 32
 
     def validate(self, key: str) -> None:
         _check_ae(f"{key}.ae_title", self.ae_title)
@@ -137,6 +141,7 @@ class NodeConfig:
         _check_range(f"{key}.port", self.port, 1, 65535)
         _check_range(f"{key}.max_associations", self.max_associations, 1, 1000)
         _check_range(f"{key}.listener_processes", self.listener_processes, 1, 64)
+        _check_range(f"{key}.max_pending_connections", self.max_pending_connections, 1, 1000)
         for i, peer in enumerate(self.peers):
             peer.validate(f"{key}.peers[{i}]")
         self.tls.validate(f"{key}.tls")
@@ -159,6 +164,9 @@ class StorageConfig:
     #: Write received instances with O_DIRECT (straight to disk, no page-cache copy) when fsync is
     #: on and the filesystem takes it; page-cache writes otherwise.
     direct_io: bool = True
+    #: Largest data set (MiB, as received; deflated ones also after inflating) a C-STORE may carry;
+    #: a larger one is refused with 0xA700 (out of resources) while its bytes are dropped.
+    max_dataset_mb: int = 2048
 
     @property
     def root_path(self) -> Path:
@@ -174,6 +182,7 @@ class StorageConfig:
         if not self.root:
             raise ConfigError(f"{key}.root", self.root, "a folder path")
         _check_range(f"{key}.min_free_disk_mb", self.min_free_disk_mb, 0)
+        _check_range(f"{key}.max_dataset_mb", self.max_dataset_mb, 1, 1 << 20)
         if self.database_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.database_url):
             raise ConfigError(f"{key}.database_url", self.database_url,
                               "empty, sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")

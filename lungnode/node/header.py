@@ -275,6 +275,20 @@ def _element_header(data: bytes | mmap.mmap, offset: int,
     return tag, vr, int(length), offset + 8
 
 
+def skip_undefined_sequence(data: bytes | mmap.mmap, offset: int, implicit: bool) -> int:
+    """Offset after an undefined-length sequence whose items start at ``offset``.
+
+    Raises
+    ------
+    ValueError
+        When the sequence is not closed, nests deeper than :data:`MAX_DEPTH` or is malformed.
+    """
+    try:
+        return _skip_sequence(data, offset, implicit, 1)
+    except (_UnsureError, struct.error):
+        raise ValueError("malformed or unclosed sequence") from None
+
+
 def _skip_sequence(data: bytes | mmap.mmap, offset: int, implicit: bool, depth: int) -> int:
     """Offset after an undefined-length sequence whose items start at ``offset``."""
     if depth > MAX_DEPTH:
