@@ -47,6 +47,7 @@ from typing import IO, Protocol
 
 from pynetdicom.presentation import PresentationContext
 
+from lungnode.logs import log_exception
 from lungnode.node import pdu
 from lungnode.node.pdu import AssociationRequest, Command, ProtocolError
 from lungnode.ops import metrics
@@ -290,8 +291,8 @@ class Acceptor:
     def _serve(self, conn: _Connection) -> None:
         try:
             self._serve_connection(conn)
-        except Exception:
-            LOG.exception("association thread failed (peer %s)", conn.peer)
+        except Exception as exc:
+            log_exception(LOG, "association thread failed (peer %s)", exc, conn.peer)
         finally:
             conn.state = "closed"
             with contextlib.suppress(OSError):
@@ -500,8 +501,8 @@ class _DataPhase:
         if not command.has_dataset:
             if command.command_field == pdu.C_ECHO_RQ:
                 # Verification is answered on its own context only (PS3.7 9.1.5, PS3.4 A.4).
-                status = 0x0000 if abstract_syntax == pdu.VERIFICATION else \
-                    STATUS_SOP_CLASS_NOT_SUPPORTED
+                verification = abstract_syntax == command.affected_sop_class == pdu.VERIFICATION
+                status = 0x0000 if verification else STATUS_SOP_CLASS_NOT_SUPPORTED
             elif command.command_field == pdu.C_STORE_RQ:
                 raise ProtocolError("C-STORE-RQ without a data set")
             else:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lungnode.logs import log_exception
 from lungnode.node.pdu import IMPLEMENTATION_VERSION_NAME, Command
 from lungnode.node.policy import (
     DEFAULT_MAX_DATASET_BYTES,
@@ -351,7 +352,7 @@ class StoreHandler:
                 if isinstance(result, Refusal):
                     sink.discard()
         except Exception as exc:  # answer a failure rather than drop the association
-            LOG.exception("C-STORE handling failed (association %s)", stats.assoc_id)
+            log_exception(LOG, "C-STORE handling failed (association %s)", exc, stats.assoc_id)
             if isinstance(sink, ReceivedDataset):
                 sink.discard()
             result = Refusal(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
