@@ -251,7 +251,8 @@ def _decode_all(
         try:
             arr = ds.pixel_array
         except Exception as exc:
-            raise SeriesError(f"{paths[j].name}: pixel data cannot be decoded ({type(exc).__name__})") from exc
+            raise SeriesError(f"{paths[j].name}: pixel data cannot be decoded "
+                              f"({type(exc).__name__})") from exc
         nf = int(ds.get("NumberOfFrames", 1) or 1)
         if nf == 1 and arr.ndim == 2:
             arr = arr[None]
