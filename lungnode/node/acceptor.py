@@ -64,6 +64,11 @@ STATUS_UNRECOGNIZED_OPERATION = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: How often the watchdog looks for connections past their deadline (seconds, at most).
 WATCHDOG_PERIOD_S = 0.25
+#: After an A-ABORT, what the peer still sends is read and dropped for up to this long (and
+#: :data:`DRAIN_BYTES`) before the close, so the close is a FIN the peer can read the A-ABORT
+#: before, not a reset that discards it.
+DRAIN_S = 1.0
+DRAIN_BYTES = 4 << 20
 
 #: A-ASSOCIATE-RJ (result, source, reason) for an unsupported application context / protocol.
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
@@ -146,11 +151,40 @@ class _Connection:
         self.deadline = deadline
         #: Why the watchdog or the accept loop cut this connection ("" while it was not).
         self.cut = ""
+        #: An A-ABORT was sent (the close waits for the peer's data to drain, see :meth:`close`).
+        self.aborted = False
         self._send_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
+
+    def abort(self, reason: int = 0) -> None:
+        """Send an A-ABORT (service provider, ``reason``); errors of a dead connection ignored."""
+        self.aborted = True
+        with contextlib.suppress(OSError):
+            self.send(pdu.abort_pdu(reason=reason))
+
+    def close(self) -> None:
+        """Close the socket; after an A-ABORT first end the sending side and drop what the peer
+        still sends, for a bounded time and amount (:data:`DRAIN_S`, :data:`DRAIN_BYTES`)."""
+        sock = self.sock
+        with contextlib.suppress(OSError, ValueError):
+            if self.aborted and not self.cut:
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+                deadline = time.monotonic() + DRAIN_S
+                drained = 0
+                while drained < DRAIN_BYTES:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    sock.settimeout(left)
+                    chunk = socket.socket.recv(sock, 65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def cut_off(self, why: str) -> None:
         """End the reads of this connection's thread (which then answers and closes): the socket
@@ -295,8 +329,7 @@ class Acceptor:
             log_exception(LOG, "association thread failed (peer %s)", exc, conn.peer)
         finally:
             conn.state = "closed"
-            with contextlib.suppress(OSError):
-                conn.sock.close()
+            conn.close()
             with self._lock:
                 self._connections.discard(conn)
 
@@ -328,8 +361,7 @@ class Acceptor:
                 negotiated = self.negotiator.negotiate(request)
             except ProtocolError as exc:
                 LOG.warning("connection from %s: %s", conn.peer, exc)
-                with contextlib.suppress(OSError):
-                    conn.send(pdu.abort_pdu(reason=exc.reason))
+                conn.abort(exc.reason)
                 return
             token = self.hooks.accepted(request, conn.peer)
             outcome = "aborted"
@@ -369,8 +401,7 @@ class Acceptor:
             return None
         except ProtocolError as exc:
             LOG.warning("connection from %s aborted: %s", conn.peer, exc)
-            with contextlib.suppress(OSError):
-                conn.send(pdu.abort_pdu(reason=exc.reason))
+            conn.abort(exc.reason)
             return None
         except (OSError, EOFError) as exc:  # closed, timed out or cut before a request (port probe)
             if conn.cut == "timeout" or isinstance(exc, TimeoutError):
@@ -426,8 +457,7 @@ class _DataPhase:
                 self.sink = None
 
     def _abort(self, reason: int) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(pdu.abort_pdu(reason=reason))
+        self.conn.abort(reason)
 
     def _loop(self) -> str:
         reader, conn = self.reader, self.conn

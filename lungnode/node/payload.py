@@ -22,6 +22,7 @@ Each check returns a :class:`~lungnode.node.policy.Refusal`-ready reason (empty 
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import struct
 import tempfile
@@ -29,6 +30,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from pydicom.datadict import dictionary_VR
 
 from lungnode.node.header import skip_undefined_sequence
 
@@ -175,7 +178,7 @@ def check_pixel_data(data: bytes | mmap.mmap, pos: int, transfer_syntax: str,
     return False, check_trailer(data, end, tag, implicit=implicit, big_endian=big)
 
 
-def _fragments_end(data: bytes | mmap.mmap, offset: int) -> int | str:
+def _fragments_end(data: bytes | mmap.mmap, offset: int, need_fragment: bool = True) -> int | str:
     """Offset after the item sequence of encapsulated pixel data, or what is wrong with it."""
     end = len(data)
     items = 0
@@ -185,7 +188,7 @@ def _fragments_end(data: bytes | mmap.mmap, offset: int) -> int | str:
         if tag == b"\xfe\xff\xdd\xe0":
             if item_len != 0:
                 return "encapsulated pixel data: sequence delimiter with a length"
-            if items < 2:
+            if items < 2 and need_fragment:
                 return "encapsulated pixel data without a fragment"
             return offset + 8
         if tag != b"\xfe\xff\x00\xe0":
@@ -240,6 +243,123 @@ def check_trailer(data: bytes | mmap.mmap, offset: int, after_tag: int, *, impli
     except (ValueError, struct.error):
         return "bytes after the pixel data that are not complete DICOM elements"
     return ""
+
+
+#: Deepest sequence nesting :func:`check_structure` follows.
+MAX_NESTING = 32
+_ITEM_END = 0xFFFEE00D
+_PIXEL_TAGS = frozenset({PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA})
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_sequence_tag(tag: int) -> bool:
+    """Whether the data dictionary says SQ (implicit VR: how a defined-length value is walked)."""
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
+def check_structure(data: bytes | mmap.mmap, transfer_syntax: str) -> str:
+    """Walk the data set's elements, items and delimiters up to the top-level pixel data (or the
+    end) the way a strict reader (DCMTK) does; empty when the encoding is sound.
+
+    pydicom reads past some encodings DCMTK refuses (an item tag with a flipped bit, an unclosed
+    sequence); this walk refuses them, without converting any value. Little endian only (big
+    endian data sets are left to pydicom's reading).
+    """
+    if transfer_syntax == BIG_ENDIAN:
+        return ""
+    try:
+        start = dataset_offset(data)
+        _walk(data, start, len(data), transfer_syntax == IMPLICIT_VR_LE, 0, in_item=False)
+    except (ValueError, struct.error):
+        return "data set encoding is malformed (element, item or sequence delimiter)"
+    return ""
+
+
+def _walk(data: bytes | mmap.mmap, offset: int, end: int, implicit: bool, depth: int, *,
+          in_item: bool) -> int:
+    """Walk elements from ``offset``: to ``end`` (defined length), to the item delimiter
+    (``in_item`` with undefined length: ``end`` is then the data's end) or, at the top level, to
+    the pixel data. The offset where the walk ended."""
+    if depth > MAX_NESTING:
+        raise ValueError("nesting too deep")
+    while offset < end:
+        if offset + 8 > end:
+            raise ValueError("element header cut")
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        tag = (group << 16) | element
+        if tag == _ITEM_END and in_item:
+            if length != 0:
+                raise ValueError("item delimiter with a length")
+            return offset + 8
+        if group == 0xFFFE:
+            raise ValueError("item tag among elements")
+        if depth == 0 and tag in _PIXEL_TAGS:
+            return offset
+        if implicit:
+            vr: bytes | None = None
+            value = offset + 8
+            is_sequence = _is_sequence_tag(tag)
+        else:
+            vr = bytes(data[offset + 4:offset + 6])
+            if vr not in _KNOWN_VRS:
+                raise ValueError("unknown VR")
+            if vr in _LONG_VRS:
+                if offset + 12 > end:
+                    raise ValueError("element header cut")
+                (length,) = struct.unpack_from("<I", data, offset + 8)
+                value = offset + 12
+            else:
+                (length,) = struct.unpack_from("<H", data, offset + 6)
+                value = offset + 8
+            is_sequence = vr == b"SQ"
+        if length == _UNDEFINED:
+            if vr in (b"OB", b"OW") or tag == PIXEL_DATA:
+                found = _fragments_end(data, value, need_fragment=False)
+                if isinstance(found, str):
+                    raise ValueError(found)
+                offset = found
+            elif vr in (None, b"SQ", b"UN"):
+                offset = _walk_items(data, value, len(data), implicit or vr == b"UN", depth + 1,
+                                     undefined=True)
+            else:
+                raise ValueError("undefined length on a VR that cannot have it")
+        else:
+            if value + length > end:
+                raise ValueError("value beyond its container")
+            if is_sequence and length:
+                _walk_items(data, value, value + length, implicit, depth + 1, undefined=False)
+            offset = value + length
+    if in_item and end == len(data):
+        raise ValueError("item not closed")
+    return offset
+
+
+def _walk_items(data: bytes | mmap.mmap, offset: int, end: int, implicit: bool, depth: int, *,
+                undefined: bool) -> int:
+    """Walk the items of a sequence; the offset after it."""
+    while offset + 8 <= end:
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        tag = (group << 16) | element
+        if tag == _SEQUENCE_END:
+            if not undefined or length != 0:
+                raise ValueError("misplaced sequence delimiter")
+            return offset + 8
+        if tag != _ITEM:
+            raise ValueError("not an item")
+        if length == _UNDEFINED:
+            offset = _walk(data, offset + 8, len(data), implicit, depth, in_item=True)
+        else:
+            if offset + 8 + length > end:
+                raise ValueError("item beyond its sequence")
+            if length:
+                _walk(data, offset + 8, offset + 8 + length, implicit, depth, in_item=False)
+            offset += 8 + length
+    if undefined or offset != end:
+        raise ValueError("sequence not closed")
+    return offset
 
 
 class Inflated(contextlib.AbstractContextManager["Inflated"]):

@@ -167,9 +167,10 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str, *,
             return Refusal(status, inflated)
         with inflated:
             return parse_header(inflated.data, payload.EXPLICIT_VR_LE)
-    mismatch = payload.check_encoding(data, transfer_syntax)
-    if mismatch:
-        return Refusal(STATUS_CANNOT_UNDERSTAND, mismatch)
+    problem = payload.check_encoding(data, transfer_syntax) or \
+        payload.check_structure(data, transfer_syntax)
+    if problem:
+        return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
     tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
     fields: InstanceFields | None = None
     ds: Dataset | None = None
