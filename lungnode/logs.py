@@ -26,6 +26,10 @@ QUIET_LIBRARIES = ("pynetdicom", "highdicom", "monai", "apscheduler")
 #: Loggers whose messages may quote data set values (pydicom's, and Python warnings, which pydicom
 #: also raises); kept out of the log above DEBUG.
 VALUE_QUOTING_LOGGERS = ("pydicom", "py.warnings")
+#: pynetdicom's value decoding and checking helpers: they log each malformed byte a peer sends
+#: (a traceback at ERROR for a non-ASCII UID), while the node logs the malformed PDU itself in one
+#: line; held at CRITICAL above DEBUG.
+PEER_VALUE_LOGGERS = ("pynetdicom.utils",)
 #: Longest line a log record may have (longer ones are cut, saying how much was cut).
 MAX_LINE_CHARS = 2000
 
@@ -97,6 +101,8 @@ def configure_logging(config: Config, role: str = "%(processName)s") -> None:
     logging.captureWarnings(True)  # warnings go through the handler's filter, not straight to stderr
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    for name in PEER_VALUE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL)
 
 
 def where_raised(exc: BaseException) -> str:

@@ -21,9 +21,10 @@ huge       lengths meant to make the node allocate (P-DATA-TF, PDV, A-RELEASE-RQ
 trickle    connections that send one byte at a time, slowly, while a real C-ECHO must succeed
 ========== ===================================================================================
 
-Outcomes: ``status 0xNNNN`` (a DIMSE status), ``A-ASSOCIATE-RJ``, ``A-ABORT``, ``closed`` (the
-connection was closed without an answer: a finding unless the case is a trickle that the node
-cut), ``cut`` (a trickle closed by the node within its timeout). Findings are listed after the
+Outcomes: ``status 0xNNNN`` (a DIMSE status), ``A-ASSOCIATE-RJ``, ``A-ABORT``,
+``A-ASSOCIATE-AC`` (a mutated request that is still valid), ``closed (peer aborted)`` (the case
+sent an A-ABORT itself: no answer is due), ``closed`` (closed without an answer: a finding),
+``cut`` (a trickle closed by the node within its timeout). Findings are listed after the
 table: a case that got no answer, a deliberately broken pixel case acknowledged with 0x0000, a
 C-ECHO that failed between cases. With ``--storage-root`` (the node's ``[storage] root`` on this
 machine) every stored file is read back with pydicom (and DCMTK ``dcmdump`` when installed).
@@ -267,9 +268,11 @@ class Results:
     cases: int = 0
 
     def add(self, case: Case, outcome: str) -> None:
+        if case.closing and outcome == "closed":
+            outcome = "closed (peer aborted)"
         self.cases += 1
         self.table[case.family][outcome] += 1
-        if outcome == "closed" and not case.closing:
+        if outcome == "closed":
             self.findings.append(f"{case.family}/{case.label}: no answer (bare close)")
         if outcome == "status 0x0000" and case.sop_instance_uid:
             self.acknowledged.append(case.sop_instance_uid)
