@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -671,6 +672,10 @@ def check_store(root: Path, acknowledged: Iterable[str]) -> list[str]:
             continue
         try:
             ds = pydicom.dcmread(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for element in ds.iterall():  # every value converted: reading in full is the check
+                    _ = element.value
             if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
                 ds.pixel_array  # noqa: B018 - decoding is the check
         except Exception as exc:

@@ -251,13 +251,19 @@ _ITEM_END = 0xFFFEE00D
 _PIXEL_TAGS = frozenset({PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA})
 
 
+#: Binary VRs whose value length must be a multiple of their value size (pydicom refuses others).
+_VALUE_SIZES = {b"US": 2, b"SS": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"FD": 8, b"AT": 4, b"OW": 2,
+                b"OF": 4, b"OD": 8, b"OL": 4, b"OV": 8, b"SV": 8, b"UV": 8}
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+
 @functools.lru_cache(maxsize=4096)
-def _is_sequence_tag(tag: int) -> bool:
-    """Whether the data dictionary says SQ (implicit VR: how a defined-length value is walked)."""
+def _dictionary_vr(tag: int) -> bytes | None:
+    """The data dictionary's VR of ``tag`` (the first of "US or SS"); None when unknown."""
     try:
-        return bool(dictionary_VR(tag) == "SQ")
+        return str(dictionary_VR(tag))[:2].encode("ascii")
     except KeyError:
-        return False
+        return None
 
 
 def check_structure(data: bytes | mmap.mmap, transfer_syntax: str) -> str:
@@ -273,8 +279,10 @@ def check_structure(data: bytes | mmap.mmap, transfer_syntax: str) -> str:
     try:
         start = dataset_offset(data)
         _walk(data, start, len(data), transfer_syntax == IMPLICIT_VR_LE, 0, in_item=False)
-    except (ValueError, struct.error):
-        return "unreadable header: its encoding is malformed (element, item or sequence delimiter) or cut"
+    except ValueError as exc:
+        return f"unreadable header: its encoding is malformed ({exc})"
+    except struct.error:
+        return "unreadable header: its encoding is malformed (cut inside an element)"
     return ""
 
 
@@ -301,7 +309,8 @@ def _walk(data: bytes | mmap.mmap, offset: int, end: int, implicit: bool, depth:
         if implicit:
             vr: bytes | None = None
             value = offset + 8
-            is_sequence = _is_sequence_tag(tag)
+            known = _dictionary_vr(tag)
+            is_sequence = known == b"SQ"
         else:
             vr = bytes(data[offset + 4:offset + 6])
             if vr not in _KNOWN_VRS:
@@ -315,6 +324,13 @@ def _walk(data: bytes | mmap.mmap, offset: int, end: int, implicit: bool, depth:
                 (length,) = struct.unpack_from("<H", data, offset + 6)
                 value = offset + 8
             is_sequence = vr == b"SQ"
+            known = _dictionary_vr(tag) if vr == b"UN" else vr  # pydicom reads UN as the dictionary's
+            if tag == _SPECIFIC_CHARACTER_SET and vr not in (b"CS", b"UN"):
+                raise ValueError(f"Specific Character Set with VR {vr.decode('ascii')}")
+        size = _VALUE_SIZES.get(known or b"")
+        if size and length != _UNDEFINED and length % size:
+            raise ValueError(f"({group:04X},{element:04X}) {(known or b'').decode('ascii')} value of "
+                             f"{length} bytes")
         if length == _UNDEFINED:
             if vr in (b"OB", b"OW") or tag == PIXEL_DATA:
                 found = _fragments_end(data, value, need_fragment=False)
