@@ -33,7 +33,7 @@ from typing import IO
 
 from pydicom.datadict import dictionary_VR
 
-from lungnode.node.ingest.header import skip_undefined_sequence
+from lungnode.node.ingest.header import RawHeader, skip_undefined_sequence
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -279,6 +279,39 @@ def check_structure(data: bytes | mmap.mmap, transfer_syntax: str) -> str:
     try:
         start = dataset_offset(data)
         _walk(data, start, len(data), transfer_syntax == IMPLICIT_VR_LE, 0, in_item=False)
+    except ValueError as exc:
+        return f"unreadable header: its encoding is malformed ({exc})"
+    except struct.error:
+        return "unreadable header: its encoding is malformed (cut inside an element)"
+    return ""
+
+
+def check_scanned(raw: RawHeader) -> str:
+    """What :func:`check_structure` checks, for a header the in-place scan already walked: the
+    scan checked the top-level element layout and the item/delimiter layout of undefined-length
+    sequences; this checks each element's VR and binary value length, the Specific Character
+    Set's VR, and walks the contents of every sequence. Empty when sound."""
+    data, implicit = raw.data, raw.implicit
+    sizes, known_vrs = _VALUE_SIZES, _KNOWN_VRS
+    try:
+        for tag, (vr, offset, length) in raw.elements().items():
+            if vr is None or vr == b"UN":
+                known = _dictionary_vr(tag)
+            elif vr not in known_vrs:
+                raise ValueError(f"unknown VR {vr!r}")
+            else:
+                known = vr
+            size = sizes.get(known) if known is not None else None
+            if size and length % size:
+                raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {known!r} value of "
+                                 f"{length} bytes")
+            if known == b"SQ" and length and vr != b"UN":
+                _walk_items(data, offset, offset + length, implicit, 1, undefined=False)
+        spec = raw.elements().get(_SPECIFIC_CHARACTER_SET)
+        if spec is not None and spec[0] not in (None, b"CS", b"UN"):
+            raise ValueError("Specific Character Set not encoded as CS")
+        for _tag, vr, offset in raw.sequences:
+            _walk_items(data, offset, len(data), implicit or vr == b"UN", 1, undefined=True)
     except ValueError as exc:
         return f"unreadable header: its encoding is malformed ({exc})"
     except struct.error:

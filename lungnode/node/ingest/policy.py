@@ -167,14 +167,18 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str, *,
             return Refusal(status, inflated)
         with inflated:
             return parse_header(inflated.data, payload.EXPLICIT_VR_LE)
-    problem = payload.check_encoding(data, transfer_syntax) or \
-        payload.check_structure(data, transfer_syntax)
+    problem = payload.check_encoding(data, transfer_syntax)
     if problem:
         return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
     tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
     fields: InstanceFields | None = None
     ds: Dataset | None = None
     raw = scan_header(data, transfer_syntax)
+    # The strict walk (what DCMTK refuses): on what the scan read, only what it did not check.
+    problem = payload.check_scanned(raw) if raw is not None else \
+        payload.check_structure(data, transfer_syntax)
+    if problem:
+        return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
     if raw is not None:
         pos = raw.pixel_offset
         has_pixels = pos >= 0
