@@ -23,7 +23,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from lungnode.node.dimse.pdu import Command
 from lungnode.node.ingest.policy import ParsedHeader, Refusal, parse_header
@@ -52,6 +52,10 @@ def _deflate(data: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def slice_ds(shared_data: Path) -> Dataset:
     return pydicom.dcmread(sorted((shared_data / "ct" / "chest-30-slices-uncompressed").glob("*.dcm"))[0])
+
+
+def _size(ds: Dataset, rows: int, columns: int) -> None:
+    ds.Rows, ds.Columns = rows, columns
 
 
 def _small(ds: Dataset, pixels: bytes) -> None:
@@ -89,8 +93,8 @@ CASES: dict[str, tuple[Edit | None, Callable[[Dataset], bytes], str, int | None,
     "long": (lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\0" * 64), _encode, EXPLICIT,
              0xC000, "pixel data of 524352 bytes"),
     "empty": (lambda ds: setattr(ds, "PixelData", b""), _encode, EXPLICIT, 0xC000, "pixel data of 0 bytes"),
-    "rows-columns-65535": (lambda ds: setattr(ds, "Rows", 65535) or setattr(ds, "Columns", 65535),
-                           _encode, EXPLICIT, 0xC000, "give 8589672450"),
+    "rows-columns-65535": (lambda ds: _size(ds, 65535, 65535), _encode, EXPLICIT, 0xC000,
+                           "give 8589672450"),
     "odd-with-padding": (lambda ds: _small(ds, b"\x01" * 10), _encode, EXPLICIT, None, ""),
     "odd-too-long": (lambda ds: _small(ds, b"\x01" * 12), _encode, EXPLICIT, 0xC000, "give 9"),
     "no-rows": (lambda ds: delattr(ds, "Rows"), _encode, EXPLICIT, 0xA900, "without Rows"),
@@ -147,10 +151,10 @@ def test_pixel_data_and_encoding_checked_on_the_hot_path(slice_ds: Dataset, name
 
 def _write(path: Path, ds: Dataset, body: bytes, syntax: str) -> Path:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = "1.2.3.4"
+    meta.MediaStorageSOPClassUID = UID(CT)
+    meta.MediaStorageSOPInstanceUID = UID(ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = UID(syntax)
+    meta.ImplementationClassUID = UID("1.2.3.4")
     buffer = io.BytesIO()
     buffer.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
