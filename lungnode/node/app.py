@@ -25,7 +25,7 @@ from lungnode.ops.metrics import setup_from_config
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Extra services ``lungnode run`` starts after the listener, as ``"module:function"`` paths to
 #: ``make_service(config: Config, db: Database, store: FileStore) -> Service``. Other areas append
@@ -73,7 +73,7 @@ class NodeApp:
         counts = self.catalog.reconcile()
         closed = self.catalog.close_open_associations("interrupted")
         if removed or closed or counts["indexed"] or counts["deleted"]:
-            LOG.warning("recovery: %d temp file(s) removed, %d file(s) indexed, %d deleted, "
+            log.warning("recovery: %d temp file(s) removed, %d file(s) indexed, %d deleted, "
                         "%d association row(s) closed", removed, counts["indexed"], counts["deleted"],
                         closed)
         return {"temp_removed": removed, "associations_closed": closed, **counts}
@@ -88,7 +88,7 @@ class NodeApp:
             service = load_factory(path)(self.config, self.db, self.store)
             service.start()
             self.services.append(service)
-            LOG.info("service %s started", service.name)
+            log.info("service %s started", service.name)
 
     def stop(self) -> None:
         """Stop the listener (grace for open associations), then the services in reverse order."""
@@ -98,7 +98,7 @@ class NodeApp:
             try:
                 service.stop(grace)
             except Exception:
-                LOG.exception("service %s did not stop cleanly", service.name)
+                log.exception("service %s did not stop cleanly", service.name)
         self.services.clear()
         self.catalog.close_open_associations("aborted-shutdown")
         self.catalog.mark_clean_shutdown()
@@ -106,7 +106,7 @@ class NodeApp:
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Signal handler: ask :meth:`run` to stop."""
-        LOG.info("signal %d: stopping (grace %.0f s)", signum, self.config.node.shutdown_grace_s)
+        log.info("signal %d: stopping (grace %.0f s)", signum, self.config.node.shutdown_grace_s)
         self._stop.set()
 
     def run(self) -> int:
@@ -116,15 +116,15 @@ class NodeApp:
         try:
             self.start()
         except Exception:
-            LOG.exception("node did not start")
+            log.exception("node did not start")
             self.listener.stop(0.1)
             return 1
-        LOG.info("lungnode running (AE %s, port %d, %d listener process(es))", self.config.node.ae_title,
+        log.info("lungnode running (AE %s, port %d, %d listener process(es))", self.config.node.ae_title,
                  self.config.node.port, self.config.node.listener_processes)
         while not self._stop.wait(1.0):
             pass
         self.stop()
-        LOG.info("lungnode stopped")
+        log.info("lungnode stopped")
         # Everything is stopped and recorded. A late SIGTERM (a supervisor repeating it) must not
         # turn the clean exit into a kill: at interpreter exit Python puts back the default
         # action of every signal it handled, but leaves ignored ones ignored.

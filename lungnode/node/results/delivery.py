@@ -48,7 +48,7 @@ from lungnode.ops import metrics
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
-from lungnode.storage.models import Delivery, Job, Output, utcnow
+from lungnode.storage.models import Delivery, Job, Output, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,6 @@ def release(db: Database, config: Config, job_pk: int) -> list[str]:
     return queued
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
 
 class DeliverySender:
     """Claims due deliveries and sends them (used by the service and ``resend --now``).
@@ -223,7 +218,7 @@ class DeliverySender:
                 dest = None
             items = ([] if dest is None or job is None else
                      outbound_items(s, self.store, d.job_pk, dest, d.acknowledged or []))
-            last_instance_at = _aware(job.last_instance_at) if job else None
+            last_instance_at = aware(job.last_instance_at) if job else None
             job_pk = d.job_pk
         started = utcnow()
         if dest is None:
