@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lungnode.config.checks import check_range
 from lungnode.config.typed_toml import ConfigError
+from lungnode.uids import CT_IMAGE_STORAGE
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ class RuleConfig:
                                   f"a valid regular expression ({exc})") from None
 
 
-#: SOP classes of single-frame CT slices the pipeline reads (CT Image Storage).
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def default_rules() -> tuple[RuleConfig, ...]:

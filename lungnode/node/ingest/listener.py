@@ -42,11 +42,11 @@ from lungnode.node.ingest.store import AssociationStats, GroupCommitWriter, Stor
 from lungnode.ops import metrics
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.uids import VERIFICATION
 
 log = logging.getLogger(__name__)
 
 #: Verification SOP Class.
-VERIFICATION = "1.2.840.10008.1.1"
 #: Connections beyond ``node.max_associations`` that may be open while negotiating (their
 #: A-ASSOCIATE-RQ is answered with the limit rejection); more are closed at once.
 CONNECTION_HEADROOM = 50
