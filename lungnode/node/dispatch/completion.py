@@ -42,7 +42,8 @@ from sqlalchemy.orm import Session
 from lungnode.config import CompletionConfig, Config
 from lungnode.inference.geometry import GeometryError, GeometryPolicy, check_slice_geometry
 from lungnode.node.dispatch import jobs
-from lungnode.node.dispatch.rules import Decision, _floats, decide, load_features
+from lungnode.node.dispatch.rules import Decision, decide, load_features
+from lungnode.node.ingest.fields import split_numbers
 from lungnode.ops.metrics import SERIES_COMPLETED, STAGE_SECONDS
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
@@ -94,7 +95,7 @@ def geometry_evidence(instances: Sequence[Instance], cfg: CompletionConfig) -> t
         return False, f"{len(instances)} instances but ImagesInAcquisition = {max(expected)}"
     positions, orientations, sizes = [], [], []
     for i in instances:
-        pos, ori = _floats(i.image_position), _floats(i.image_orientation)
+        pos, ori = split_numbers(i.image_position), split_numbers(i.image_orientation)
         if pos is None or ori is None or i.rows is None or i.columns is None:
             return False, "position, orientation or size missing"
         positions.append(pos)
