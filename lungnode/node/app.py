@@ -2,51 +2,45 @@
 
 :class:`NodeApp` opens the database and file store, recovers from a crash (removes temp files,
 indexes files without rows, closes association rows left open), starts the listener (see
-:mod:`lungnode.node.ingest.listener`), then every service named in :data:`SERVICE_FACTORIES`. On SIGTERM or
+:mod:`lungnode.node.ingest.listener`), then every service of :data:`DEFAULT_SERVICES` (or the
+factories it is given: the tests' launcher swaps in its own worker pool and sender). On SIGTERM or
 SIGINT it stops the listener first (no new associations; open ones get ``node.shutdown_grace_s``),
 then the services in reverse order, and writes the clean-shutdown marker.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import cast
 
 from lungnode.config import Config
+from lungnode.node.dispatch import completion, worker
 from lungnode.node.ingest.catalog import Catalog
 from lungnode.node.ingest.listener import Listener, ingest_file_store
+from lungnode.node.results import delivery
 from lungnode.node.service import Service
+from lungnode.ops import retention, server
 from lungnode.ops.metrics import setup_from_config
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
-#: Extra services ``lungnode run`` starts after the listener, as ``"module:function"`` paths to
-#: ``make_service(config: Config, db: Database, store: FileStore) -> Service``. Other areas append
-#: theirs (completion scheduler, local worker pool, delivery sender, metrics server, retention).
-SERVICE_FACTORIES: list[str] = [
-    "lungnode.node.dispatch.completion:make_service",
-    "lungnode.node.dispatch.worker:make_service",
-    "lungnode.node.results.delivery:make_service",
-    "lungnode.ops.server:make_service",
-    "lungnode.ops.retention:make_service",
-]
-
+#: ``make_service(config, db, store) -> Service``: builds one background service.
 ServiceFactory = Callable[[Config, Database, FileStore], Service]
 
-
-def load_factory(path: str) -> ServiceFactory:
-    """Import ``"module:function"``."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"service factory {path!r} is not 'module:function'")
-    return cast(ServiceFactory, getattr(importlib.import_module(module_name), attr))
+#: The services ``lungnode run`` starts after the listener, in this order (stopped in reverse):
+#: completion scheduler, local worker pool, delivery sender, metrics/health server, retention.
+DEFAULT_SERVICES: tuple[ServiceFactory, ...] = (
+    completion.make_service,
+    worker.make_service,
+    delivery.make_service,
+    server.make_service,
+    retention.make_service,
+)
 
 
 class NodeApp:
@@ -56,10 +50,13 @@ class NodeApp:
     ----------
     config:
         The validated configuration.
+    services:
+        The service factories to start after the listener (default :data:`DEFAULT_SERVICES`).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, services: Sequence[ServiceFactory] = DEFAULT_SERVICES) -> None:
         self.config = config
+        self.service_factories = tuple(services)
         self.db = Database(config.storage.effective_database_url)
         self.store = ingest_file_store(config)
         self.catalog = Catalog(self.db, self.store, config.completion.quiet_period_s)
@@ -84,8 +81,8 @@ class NodeApp:
         setup_from_config(self.config.storage.root, self.config.metrics.multiprocess_dir)
         self.recover()
         self.listener.start()
-        for path in SERVICE_FACTORIES:
-            service = load_factory(path)(self.config, self.db, self.store)
+        for factory in self.service_factories:
+            service = factory(self.config, self.db, self.store)
             service.start()
             self.services.append(service)
             log.info("service %s started", service.name)

@@ -358,5 +358,5 @@ class RetentionService:
 
 
 def make_service(config: Config, db: Database, store: Any) -> RetentionService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: the scheduled cleanup."""
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the scheduled cleanup."""
     return RetentionService(config, db)

@@ -348,5 +348,5 @@ class CompletionService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> CompletionService:
-    """Service factory for ``NodeApp`` (``SERVICE_FACTORIES``)."""
+    """Service factory for ``NodeApp`` (``DEFAULT_SERVICES``)."""
     return CompletionService(config, db)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dispatch_helpers import cli, seed_series, write_config
 from safetensors.numpy import save_file
 from sqlalchemy import select, update
 
@@ -21,6 +20,7 @@ from lungnode.node.dispatch.outcome import JobOutcome, PermanentJobError, Transi
 from lungnode.node.dispatch.worker import Worker, WorkerContext
 from lungnode.storage.db import Database
 from lungnode.storage.models import Job, Series, aware, utcnow
+from tests.node.dispatch.dispatch_helpers import cli, seed_series, write_config
 
 CFG = JobsConfig(max_attempts=3, retry_delays_s=(0.0, 60.0), lease_s=5.0, heartbeat_s=1.0, poll_s=0.05)
 
