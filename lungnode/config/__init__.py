@@ -21,7 +21,6 @@ Sections
 """
 
 from lungnode.config.dispatch import (
-    CT_IMAGE_STORAGE,
     CompletionConfig,
     InferenceConfig,
     JobsConfig,
@@ -34,7 +33,7 @@ from lungnode.config.results import DeliveryConfig, DestinationConfig, QualityGa
 from lungnode.config.typed_toml import ConfigError
 
 __all__ = [
-    "CT_IMAGE_STORAGE", "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
     "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
     "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig",
     "TlsConfig", "config_path", "load_config", "parse_config",

@@ -51,8 +51,9 @@ from lungnode.logs import log_exception
 from lungnode.node.dimse import pdu
 from lungnode.node.dimse.pdu import AssociationRequest, Command, ProtocolError
 from lungnode.ops import metrics
+from lungnode.uids import VERIFICATION
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Largest piece of a data set PDV read and handed to a sink at once.
 CHUNK_BYTES = 1 << 20
@@ -294,7 +295,7 @@ class Acceptor:
             except OSError:
                 if self._stopping.is_set():
                     return
-                LOG.exception("accept failed")
+                log.exception("accept failed")
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             acse = self.settings.acse_timeout_s
@@ -307,13 +308,13 @@ class Acceptor:
                                 len(self._connections) >= self.settings.max_connections):
                     evict = pending[0]
                 elif len(self._connections) >= self.settings.max_connections:
-                    LOG.warning("connection from %s closed: %d connections open", conn.peer,
+                    log.warning("connection from %s closed: %d connections open", conn.peer,
                                 len(self._connections))
                     sock.close()
                     continue
                 self._connections.add(conn)
             if evict is not None:
-                LOG.warning("connection from %s closed after %.1f s without an association request: "
+                log.warning("connection from %s closed after %.1f s without an association request: "
                             "%d connections are waiting for theirs", evict.peer,
                             time.monotonic() - evict.opened, len(pending))
                 metrics.ASSOCIATIONS.labels(outcome="half-open-closed").inc()
@@ -326,7 +327,7 @@ class Acceptor:
         try:
             self._serve_connection(conn)
         except Exception as exc:
-            log_exception(LOG, "association thread failed (peer %s)", exc, conn.peer)
+            log_exception(log, "association thread failed (peer %s)", exc, conn.peer)
         finally:
             conn.state = "closed"
             conn.close()
@@ -341,7 +342,7 @@ class Acceptor:
             try:
                 sock = conn.sock = settings.ssl_context.wrap_socket(sock, server_side=True)
             except (OSError, ssl.SSLError) as exc:
-                LOG.warning("TLS handshake from %s failed: %s", conn.peer, exc)
+                log.warning("TLS handshake from %s failed: %s", conn.peer, exc)
                 metrics.ASSOCIATIONS.labels(outcome="tls-failed").inc()
                 return
         reader: IO[bytes] = sock.makefile("rb", buffering=READ_BUFFER_BYTES)  # type: ignore[assignment]
@@ -360,7 +361,7 @@ class Acceptor:
             try:
                 negotiated = self.negotiator.negotiate(request)
             except ProtocolError as exc:
-                LOG.warning("connection from %s: %s", conn.peer, exc)
+                log.warning("connection from %s: %s", conn.peer, exc)
                 conn.abort(exc.reason)
                 return
             token = self.hooks.accepted(request, conn.peer)
@@ -395,17 +396,17 @@ class Acceptor:
                                     f"{pdu.MAX_ASSOCIATE_RQ_BYTES}")
             return self.negotiator.decode(header + _read_exact(reader, length))
         except pdu.RequestRejectedError as exc:
-            LOG.warning("connection from %s rejected: %s", conn.peer, exc)
+            log.warning("connection from %s rejected: %s", conn.peer, exc)
             metrics.ASSOCIATIONS.labels(outcome="rejected-malformed").inc()
             self._reject(conn, exc.rejection)
             return None
         except ProtocolError as exc:
-            LOG.warning("connection from %s aborted: %s", conn.peer, exc)
+            log.warning("connection from %s aborted: %s", conn.peer, exc)
             conn.abort(exc.reason)
             return None
         except (OSError, EOFError) as exc:  # closed, timed out or cut before a request (port probe)
             if conn.cut == "timeout" or isinstance(exc, TimeoutError):
-                LOG.info("connection from %s closed: no complete A-ASSOCIATE-RQ within %.0f s",
+                log.info("connection from %s closed: no complete A-ASSOCIATE-RQ within %.0f s",
                          conn.peer, self.settings.acse_timeout_s)
             return None
 
@@ -441,12 +442,12 @@ class _DataPhase:
         try:
             return self._loop()
         except ProtocolError as exc:
-            LOG.warning("association with %s aborted: %s", self.conn.peer, exc)
+            log.warning("association with %s aborted: %s", self.conn.peer, exc)
             self._abort(exc.reason)
             return "aborted"
         except (OSError, EOFError) as exc:
             if self.conn.cut or isinstance(exc, TimeoutError):
-                LOG.warning("association with %s aborted: no complete PDU in time (network %.0f s, "
+                log.warning("association with %s aborted: no complete PDU in time (network %.0f s, "
                             "DIMSE %.0f s)", self.conn.peer, self.settings.network_timeout_s,
                             self.settings.dimse_timeout_s)
                 self._abort(0)
@@ -531,7 +532,7 @@ class _DataPhase:
         if not command.has_dataset:
             if command.command_field == pdu.C_ECHO_RQ:
                 # Verification is answered on its own context only (PS3.7 9.1.5, PS3.4 A.4).
-                verification = abstract_syntax == command.affected_sop_class == pdu.VERIFICATION
+                verification = abstract_syntax == command.affected_sop_class == VERIFICATION
                 status = 0x0000 if verification else STATUS_SOP_CLASS_NOT_SUPPORTED
             elif command.command_field == pdu.C_STORE_RQ:
                 raise ProtocolError("C-STORE-RQ without a data set")

@@ -42,8 +42,6 @@ A_RELEASE_RQ_TYPE = 0x05
 A_RELEASE_RP_TYPE = 0x06
 A_ABORT_TYPE = 0x07
 
-#: Verification SOP Class (C-ECHO is answered on its presentation context only).
-VERIFICATION = "1.2.840.10008.1.1"
 #: The DICOM application context name (PS3.7 A.2.1).
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: Implementation Version Name sent in the A-ASSOCIATE-AC (16 characters at most).

@@ -35,15 +35,16 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from lungnode.config import Config
 from lungnode.node.dimse.acceptor import Acceptor, AcceptorSettings, DatasetSink
-from lungnode.node.dimse.pdu import VERIFICATION, AssociationRequest, Command
+from lungnode.node.dimse.pdu import AssociationRequest, Command
 from lungnode.node.ingest.catalog import Catalog
 from lungnode.node.ingest.policy import SCP_SOP_CLASSES, SCP_TRANSFER_SYNTAXES
 from lungnode.node.ingest.store import AssociationStats, GroupCommitWriter, StoreHandler
 from lungnode.ops import metrics
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.uids import VERIFICATION
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Connections beyond ``node.max_associations`` and ``node.max_pending_connections`` that may be
 #: open while negotiating (their A-ASSOCIATE-RQ is answered with the limit rejection).
@@ -142,7 +143,7 @@ class ListenerWorker:
         if rsd is None:
             return None
         assoc_id = str(uuid.uuid4())
-        LOG.info("association %s rejected (%s): calling AE %s, called AE %s, peer %s",
+        log.info("association %s rejected (%s): calling AE %s, called AE %s, peer %s",
                  assoc_id, reason if reason != "limit" else
                  f"limit of {self.config.node.max_associations} reached", calling, called, peer)
         metrics.ASSOCIATIONS.labels(outcome=f"rejected-{reason}").inc()
@@ -152,7 +153,7 @@ class ListenerWorker:
             self.catalog.association_rejected(assoc_id, calling_ae=calling, called_ae=called, peer=peer,
                                               reason=reason)
         except Exception:
-            LOG.exception("could not record a rejected association")
+            log.exception("could not record a rejected association")
         return rsd
 
     def accepted(self, request: AssociationRequest, peer: str) -> AssociationStats:
@@ -165,7 +166,7 @@ class ListenerWorker:
             self.catalog.association_started(stats.assoc_id, calling_ae=stats.calling_ae,
                                              called_ae=stats.called_ae, peer=stats.peer)
         except Exception:
-            LOG.exception("could not record association start")
+            log.exception("could not record association start")
         return stats
 
     def begin_store(self, token: object, command: Command, abstract_syntax: str,
@@ -197,7 +198,7 @@ class ListenerWorker:
             metrics.ASSOCIATIONS.labels(outcome="released").inc()
         else:
             metrics.ASSOCIATIONS.labels(outcome="aborted").inc()
-        LOG.info("association %s %s: calling AE %s, peer %s, %d instance(s), %d byte(s), %d failure(s), "
+        log.info("association %s %s: calling AE %s, peer %s, %d instance(s), %d byte(s), %d failure(s), "
                  "%.2f s", stats.assoc_id, outcome, stats.calling_ae, stats.peer, stats.instances,
                  stats.nbytes, stats.failures, seconds)
         try:
@@ -205,7 +206,7 @@ class ListenerWorker:
                                            nbytes=stats.nbytes, failures=stats.failures,
                                            calling_ae=stats.calling_ae, peer=stats.peer, seconds=seconds)
         except Exception:
-            LOG.exception("could not record association end")
+            log.exception("could not record association end")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -224,7 +225,7 @@ class ListenerWorker:
             max_pdu=MAX_PDU_BYTES)
         self.acceptor = Acceptor(settings, self)
         self.acceptor.start()
-        LOG.info("listening on %s:%d as %s (pid %d, TLS %s, direct I/O %s)", node.bind, node.port,
+        log.info("listening on %s:%d as %s (pid %d, TLS %s, direct I/O %s)", node.bind, node.port,
                  node.ae_title, os.getpid(), "on" if node.tls.enabled else "off",
                  "on" if self.handler.store.direct_io else "off")
 
@@ -244,7 +245,7 @@ class ListenerWorker:
             time.sleep(0.05)
         left = acceptor.busy(negotiating_too=False)
         if left:
-            LOG.warning("aborting %d association(s) still open at shutdown", left)
+            log.warning("aborting %d association(s) still open at shutdown", left)
         acceptor.abort_all()
         # Rows of aborted associations are closed by their threads; be sure of it.
         with self._lock:
@@ -325,7 +326,7 @@ class Listener:
         for proc, _ in self._children:
             proc.join(timeout + 15)
             if proc.is_alive():
-                LOG.error("listener process %s did not stop; killing it", proc.pid)
+                log.error("listener process %s did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join(5)
         self._children.clear()

@@ -34,11 +34,10 @@ from typing import IO
 from pydicom.datadict import dictionary_VR
 
 from lungnode.node.ingest.header import RawHeader, skip_undefined_sequence
+from lungnode.uids import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
 
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-DEFLATED = "1.2.840.10008.1.2.1.99"
-BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED = DEFLATED_EXPLICIT_VR_LE
+BIG_ENDIAN = EXPLICIT_VR_BE
 #: Transfer syntaxes with native (not encapsulated) pixel data.
 NATIVE = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED, BIG_ENDIAN})
 

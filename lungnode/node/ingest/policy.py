@@ -39,7 +39,7 @@ from lungnode.node.ingest import payload
 from lungnode.node.ingest.fields import InstanceFields, dataset_values, fields_from, header_fields
 from lungnode.node.ingest.header import RawHeader, UnsureError, scan_header
 from lungnode.provenance import PRIVATE_GROUP
-from lungnode.uids import is_valid_uid
+from lungnode.uids import EXPLICIT_VR_BE, is_valid_uid
 
 #: Storage SOP classes accepted as SCP (abstract syntax UID → name).
 SCP_SOP_CLASSES: dict[str, str] = {
@@ -95,7 +95,6 @@ PIXEL_SOP_CLASSES: frozenset[str] = frozenset(
     if "Image Storage" in name or "Segmentation" in name
 )
 
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 #: Default of ``[storage] max_dataset_mb`` in bytes (how far a deflated data set may inflate).
 DEFAULT_MAX_DATASET_BYTES = 2048 << 20
 
@@ -170,7 +169,7 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str, *,
     problem = payload.check_encoding(data, transfer_syntax)
     if problem:
         return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
-    tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
+    tags = _PIXEL_TAGS_BE if transfer_syntax == EXPLICIT_VR_BE else _PIXEL_TAGS_LE
     fields: InstanceFields | None = None
     ds: Dataset | None = None
     raw = scan_header(data, transfer_syntax)

@@ -8,13 +8,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from dispatch_helpers import seed_series
 
 from lungnode.config import Config, JobsConfig, StorageConfig
 from lungnode.node.dispatch.outcome import JobOutcome
 from lungnode.node.dispatch.worker import Worker, WorkerContext
 from lungnode.storage.db import Database
 from lungnode.storage.models import Job
+from tests.node.dispatch.dispatch_helpers import seed_series
 
 SECRET = "ZZPRIVACY^SECRET"
 
