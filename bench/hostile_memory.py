@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-import fuzz_node  # noqa: E402
 import pydicom  # noqa: E402
+from fuzzing.cases import Fuzzer  # noqa: E402
+from fuzzing.wire import CX_CT_DEFLATED, CX_CT_EXPLICIT, encode  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from tests.node_process import LungnodeProcess  # noqa: E402
@@ -62,7 +63,7 @@ def bomb(base: pydicom.Dataset, rows: int, columns: int) -> tuple[str, bytes]:
     del ds.PixelData
     length = rows * columns * 2
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [packer.compress(fuzz_node._encode(ds, implicit=False)
+    out = [packer.compress(encode(ds, implicit=False)
                            + b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))]
     zeros = b"\0" * (16 << 20)
     for start in range(0, length, len(zeros)):
@@ -71,35 +72,35 @@ def bomb(base: pydicom.Dataset, rows: int, columns: int) -> tuple[str, bytes]:
     return str(ds.SOPInstanceUID), b"".join(out)
 
 
-def single(fuzzer: fuzz_node.Fuzzer, base: pydicom.Dataset) -> list[tuple[str, str]]:
+def single(fuzzer: Fuzzer, base: pydicom.Dataset) -> list[tuple[str, str]]:
     """One hostile association at a time; each case's answer."""
     out = []
     uid, data = bomb(base, 16384, 16384)
     out.append((f"deflate bomb, {len(data) >> 10} KiB inflating to a consistent 512 MiB",
-                fuzzer.store(fuzz_node.CX_CT_DEFLATED, uid, data)))
+                fuzzer.store(CX_CT_DEFLATED, uid, data)))
     big = image(base, 10240, 15360, b"\1\0" * (150 << 20))
     out.append(("native data set, 300 MiB",
-                fuzzer.store(fuzz_node.CX_CT_EXPLICIT, big.SOPInstanceUID,
-                             fuzz_node._encode(big, implicit=False))))
+                fuzzer.store(CX_CT_EXPLICIT, big.SOPInstanceUID,
+                             encode(big, implicit=False))))
     del big
     uid, data = bomb(base, 32768, 40960)
     out.append((f"deflate bomb, {len(data) >> 10} KiB inflating to 2.5 GiB (over the limit)",
-                fuzzer.store(fuzz_node.CX_CT_DEFLATED, uid, data)))
+                fuzzer.store(CX_CT_DEFLATED, uid, data)))
     for kind in ("p-data", "pdv", "command-pdv", "release", "associate-rq"):
-        case = next(c for c in (fuzzer._huge_case(0) for _ in range(200)) if c.label == kind)
+        case = next(c for c in fuzzer.cases(200, ["huge"]) if c.label == kind)
         out.append((f"declared length: {kind}", case.run(fuzzer)))
     return out
 
 
-def parallel(fuzzer: fuzz_node.Fuzzer, base: pydicom.Dataset, n: int, rounds: int = 3) -> list[str]:
+def parallel(fuzzer: Fuzzer, base: pydicom.Dataset, n: int, rounds: int = 3) -> list[str]:
     """``n`` associations at once, each storing a 15 MiB data set; every answer."""
     answers: list[str] = []
     lock = threading.Lock()
 
     def one() -> None:
         ds = image(base, 3840, 2048, b"\1\0" * (3840 * 2048))  # 15 MiB
-        answer = fuzzer.store(fuzz_node.CX_CT_EXPLICIT, ds.SOPInstanceUID,
-                              fuzz_node._encode(ds, implicit=False))
+        answer = fuzzer.store(CX_CT_EXPLICIT, ds.SOPInstanceUID,
+                              encode(ds, implicit=False))
         with lock:
             answers.append(answer)
 
@@ -122,7 +123,7 @@ def main() -> int:
         node = LungnodeProcess(Path(tmp) / "single", {"node": {"dimse_timeout_s": 120.0}})
         node.start()
         try:
-            fuzzer = fuzz_node.Fuzzer("127.0.0.1", node.port, "TESTSCU", "LUNGNODE", sample, 1,
+            fuzzer = Fuzzer("127.0.0.1", node.port, "TESTSCU", "LUNGNODE", sample, 1,
                                       timeout=300.0)
             before = peak_mb(node)
             started = time.monotonic()
@@ -136,7 +137,7 @@ def main() -> int:
                                {"node": {"max_associations": args.parallel, "dimse_timeout_s": 120.0}})
         node.start()
         try:
-            fuzzer = fuzz_node.Fuzzer("127.0.0.1", node.port, "TESTSCU", "LUNGNODE", sample, 1,
+            fuzzer = Fuzzer("127.0.0.1", node.port, "TESTSCU", "LUNGNODE", sample, 1,
                                       timeout=300.0)
             before = peak_mb(node)
             answers = parallel(fuzzer, base, args.parallel)

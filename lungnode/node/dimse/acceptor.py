@@ -22,7 +22,7 @@ Bounds on what a peer can make the node hold (memory, threads, time):
 * Time: a connection has ``acse_timeout_s`` from its accept to a complete A-ASSOCIATE-RQ; in the
   data phase each PDU header must arrive within the idle (``network_timeout_s``, or
   ``dimse_timeout_s`` inside a message) timeout and each PDU body within ``dimse_timeout_s`` of
-  its header. These are deadlines for the whole PDU, not per read: a :class:`_Watchdog` thread
+  its header. These are deadlines for the whole PDU, not per read: a watchdog thread
   cuts a connection past its deadline, so a peer trickling a byte every few seconds cannot hold a
   thread. An association cut by a timeout gets an A-ABORT.
 * Connections: at most ``max_pending`` connections that have not completed their
@@ -49,6 +49,7 @@ from pynetdicom.presentation import PresentationContext
 
 from lungnode.logs import log_exception
 from lungnode.node.dimse import pdu
+from lungnode.node.dimse.connection import Connection, cut_late, read_exact
 from lungnode.node.dimse.pdu import AssociationRequest, Command, ProtocolError
 from lungnode.ops import metrics
 from lungnode.uids import VERIFICATION
@@ -65,11 +66,6 @@ STATUS_UNRECOGNIZED_OPERATION = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: How often the watchdog looks for connections past their deadline (seconds, at most).
 WATCHDOG_PERIOD_S = 0.25
-#: After an A-ABORT, what the peer still sends is read and dropped for up to this long (and
-#: :data:`DRAIN_BYTES`) before the close, so the close is a FIN the peer can read the A-ABORT
-#: before, not a reset that discards it.
-DRAIN_S = 1.0
-DRAIN_BYTES = 4 << 20
 
 #: A-ASSOCIATE-RJ (result, source, reason) for an unsupported application context / protocol.
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
@@ -138,67 +134,6 @@ class AcceptorSettings:
     max_pdu: int = 0
 
 
-class _Connection:
-    """One accepted connection, served by its own thread."""
-
-    def __init__(self, sock: socket.socket, peer: str, deadline: float | None) -> None:
-        self.sock = sock
-        self.peer = peer
-        #: "connected" → "negotiating" (RQ read) → "associated" → "closed".
-        self.state = "connected"
-        self.thread: threading.Thread | None = None
-        self.opened = time.monotonic()
-        #: ``time.monotonic()`` by which the PDU being read must be complete (None: no limit).
-        self.deadline = deadline
-        #: Why the watchdog or the accept loop cut this connection ("" while it was not).
-        self.cut = ""
-        #: An A-ABORT was sent (the close waits for the peer's data to drain, see :meth:`close`).
-        self.aborted = False
-        self._send_lock = threading.Lock()
-
-    def send(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def abort(self, reason: int = 0) -> None:
-        """Send an A-ABORT (service provider, ``reason``); errors of a dead connection ignored."""
-        self.aborted = True
-        with contextlib.suppress(OSError):
-            self.send(pdu.abort_pdu(reason=reason))
-
-    def close(self) -> None:
-        """Close the socket; after an A-ABORT first end the sending side and drop what the peer
-        still sends, for a bounded time and amount (:data:`DRAIN_S`, :data:`DRAIN_BYTES`)."""
-        sock = self.sock
-        with contextlib.suppress(OSError, ValueError):
-            if self.aborted and not self.cut:
-                socket.socket.shutdown(sock, socket.SHUT_WR)
-                deadline = time.monotonic() + DRAIN_S
-                drained = 0
-                while drained < DRAIN_BYTES:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    sock.settimeout(left)
-                    chunk = socket.socket.recv(sock, 65536)
-                    if not chunk:
-                        break
-                    drained += len(chunk)
-        with contextlib.suppress(OSError):
-            sock.close()
-
-    def cut_off(self, why: str) -> None:
-        """End the reads of this connection's thread (which then answers and closes): the socket
-        is shut for reading, so a blocked read returns at once. Safe from another thread."""
-        if self.cut:
-            return
-        self.cut = why
-        with contextlib.suppress(OSError):
-            # The plain socket's shutdown also for TLS: SSLSocket.shutdown drops the TLS state,
-            # which the connection's own thread still needs to send its A-ABORT.
-            socket.socket.shutdown(self.sock, socket.SHUT_RD)
-
-
 class Acceptor:
     """Listening socket plus one thread per association.
 
@@ -216,7 +151,7 @@ class Acceptor:
         self.negotiator = pdu.Negotiator(settings.contexts, max_pdu=settings.max_pdu)
         self._server: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -245,12 +180,9 @@ class Acceptor:
                                 settings.network_timeout_s) if t]
         period = min([WATCHDOG_PERIOD_S, *(t / 4 for t in timeouts)])
         while not self._stopping.wait(period):
-            now = time.monotonic()
             with self._lock:
-                late = [c for c in self._connections
-                        if c.deadline is not None and c.deadline < now and not c.cut]
-            for conn in late:
-                conn.cut_off("timeout")
+                connections = list(self._connections)
+            cut_late(connections, time.monotonic())
 
     def stop_accepting(self) -> None:
         """Close the listening socket (open associations go on)."""
@@ -299,7 +231,7 @@ class Acceptor:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             acse = self.settings.acse_timeout_s
-            conn = _Connection(sock, str(address[0]), time.monotonic() + acse if acse else None)
+            conn = Connection(sock, str(address[0]), time.monotonic() + acse if acse else None)
             with self._lock:
                 pending = sorted((c for c in self._connections if c.state == "connected" and not c.cut),
                                  key=lambda c: c.opened)
@@ -323,7 +255,7 @@ class Acceptor:
                                            daemon=True)
             conn.thread.start()
 
-    def _serve(self, conn: _Connection) -> None:
+    def _serve(self, conn: Connection) -> None:
         try:
             self._serve_connection(conn)
         except Exception as exc:
@@ -334,7 +266,7 @@ class Acceptor:
             with self._lock:
                 self._connections.discard(conn)
 
-    def _serve_connection(self, conn: _Connection) -> None:
+    def _serve_connection(self, conn: Connection) -> None:
         settings = self.settings
         sock = conn.sock
         sock.settimeout(settings.acse_timeout_s)
@@ -379,14 +311,14 @@ class Acceptor:
             reader.close()
 
     @staticmethod
-    def _reject(conn: _Connection, rejection: tuple[int, int, int]) -> None:
+    def _reject(conn: Connection, rejection: tuple[int, int, int]) -> None:
         with contextlib.suppress(OSError):
             conn.send(pdu.associate_rj(*rejection))
             conn.sock.shutdown(socket.SHUT_WR)
 
-    def _read_request(self, conn: _Connection, reader: IO[bytes]) -> AssociationRequest | None:
+    def _read_request(self, conn: Connection, reader: IO[bytes]) -> AssociationRequest | None:
         try:
-            header = _read_exact(reader, 6)
+            header = read_exact(reader, 6)
             pdu_type, length = pdu.pdu_header(header)
             if pdu_type != pdu.A_ASSOCIATE_RQ_TYPE:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
@@ -394,7 +326,7 @@ class Acceptor:
             if length > pdu.MAX_ASSOCIATE_RQ_BYTES:
                 raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, more than "
                                     f"{pdu.MAX_ASSOCIATE_RQ_BYTES}")
-            return self.negotiator.decode(header + _read_exact(reader, length))
+            return self.negotiator.decode(header + read_exact(reader, length))
         except pdu.RequestRejectedError as exc:
             log.warning("connection from %s rejected: %s", conn.peer, exc)
             metrics.ASSOCIATIONS.labels(outcome="rejected-malformed").inc()
@@ -422,7 +354,7 @@ class Acceptor:
 class _DataPhase:
     """Reads PDUs of one established association until release, abort or error."""
 
-    def __init__(self, conn: _Connection, reader: IO[bytes], contexts: dict[int, tuple[str, str]],
+    def __init__(self, conn: Connection, reader: IO[bytes], contexts: dict[int, tuple[str, str]],
                  peer_max_pdu: int, hooks: AcceptorHooks, token: object,
                  settings: AcceptorSettings) -> None:
         self.conn = conn
@@ -474,7 +406,7 @@ class _DataPhase:
                 current = wanted
             now = time.monotonic()
             conn.deadline = now + wanted if wanted else None  # the whole header, not each read
-            pdu_type, length = pdu.pdu_header(_read_exact(reader, 6))
+            pdu_type, length = pdu.pdu_header(read_exact(reader, 6))
             conn.deadline = time.monotonic() + busy_timeout if busy_timeout else None
             if pdu_type == pdu.P_DATA_TF_TYPE:
                 if max_pdu and length > max_pdu:
@@ -484,7 +416,7 @@ class _DataPhase:
             elif pdu_type == pdu.A_RELEASE_RQ_TYPE:
                 if length != 4:
                     raise ProtocolError(f"A-RELEASE-RQ of length {length} (4 expected)")
-                _read_exact(reader, length)
+                read_exact(reader, length)
                 conn.deadline = None
                 self.conn.send(pdu.RELEASE_RP)
                 return "released"
@@ -504,7 +436,7 @@ class _DataPhase:
         while remaining > 0:
             if remaining < pdu.PDV_HEADER_SIZE:
                 raise ProtocolError("P-DATA-TF with a truncated PDV item")
-            size, context_id, is_command, last = pdu.pdv_header(_read_exact(reader, pdu.PDV_HEADER_SIZE))
+            size, context_id, is_command, last = pdu.pdv_header(read_exact(reader, pdu.PDV_HEADER_SIZE))
             remaining -= pdu.PDV_HEADER_SIZE
             if size > remaining:
                 raise ProtocolError("PDV item longer than its PDU")
@@ -514,7 +446,7 @@ class _DataPhase:
             if is_command:
                 if len(self.command_bytes) + size > pdu.MAX_COMMAND_BYTES:  # before reading it
                     raise ProtocolError(f"command set longer than {pdu.MAX_COMMAND_BYTES} bytes")
-                self._command_fragment(_read_exact(reader, size), context_id, last)
+                self._command_fragment(read_exact(reader, size), context_id, last)
             else:
                 self._dataset_fragment(size, context_id, last)
 
@@ -554,7 +486,7 @@ class _DataPhase:
             raise ProtocolError("data set on another presentation context than its command")
         reader = self.reader
         while size > 0:
-            chunk = _read_exact(reader, min(size, CHUNK_BYTES))
+            chunk = read_exact(reader, min(size, CHUNK_BYTES))
             size -= len(chunk)
             sink.write(chunk)
         if not last:
@@ -574,11 +506,3 @@ class _DataPhase:
         response = pdu.encode_response(command, status, comment)
         self.conn.send(pdu.p_data_pdus(context_id, response, command=True,
                                        peer_max_pdu=self.peer_max_pdu))
-
-
-def _read_exact(reader: IO[bytes], n: int) -> bytes:
-    """``n`` bytes from ``reader``; EOFError when the peer closed first."""
-    data = reader.read(n)
-    if data is None or len(data) != n:
-        raise EOFError(f"connection closed ({0 if data is None else len(data)} of {n} bytes)")
-    return data

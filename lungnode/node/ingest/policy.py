@@ -3,7 +3,7 @@
 This module owns the node's conformance on the receiving side (the conformance-statement test
 reads :data:`SCP_SOP_CLASSES` and :data:`SCP_TRANSFER_SYNTAXES`) and the decisions that turn a
 received C-STORE into a success or a failure status with a logged reason. It does no I/O (but for
-inflating a deflated data set into an anonymous temp file, :func:`lungnode.node.ingest.payload.inflate`).
+inflating a deflated data set into an anonymous temp file, :func:`lungnode.node.ingest.inflate.inflate`).
 
 SOP classes
 -----------
@@ -38,6 +38,7 @@ from pydicom.filereader import dcmread
 from lungnode.node.ingest import payload
 from lungnode.node.ingest.fields import InstanceFields, dataset_values, fields_from, header_fields
 from lungnode.node.ingest.header import RawHeader, UnsureError, scan_header
+from lungnode.node.ingest.inflate import inflate
 from lungnode.provenance import PRIVATE_GROUP
 from lungnode.uids import EXPLICIT_VR_BE, is_valid_uid
 
@@ -160,7 +161,7 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str, *,
         a deflated data set inflates beyond ``max_dataset_bytes``.
     """
     if transfer_syntax == payload.DEFLATED:
-        inflated = payload.inflate(data, max_dataset_bytes, spill_dir)
+        inflated = inflate(data, max_dataset_bytes, spill_dir)
         if isinstance(inflated, str):
             status = STATUS_OUT_OF_RESOURCES if "limit" in inflated else STATUS_CANNOT_UNDERSTAND
             return Refusal(status, inflated)
