@@ -17,6 +17,8 @@ Sections
 ``[[destinations]]`` Where results are sent.
 ``[delivery]``       Send retries.
 ``[metrics]``        Prometheus and health endpoint.
+``[web]``            Status web pages beside ``/metrics``.
+``[[notifications]]`` Webhooks told about job and delivery events.
 ``[retention]``      Cleanup of old data.
 """
 
@@ -461,6 +463,79 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The status web pages, served beside ``/metrics`` on ``[metrics] bind:port``."""
+
+    #: Serve the pages (``/``, ``/series/UID``, ``/jobs/N``); needs ``[metrics] enabled``.
+    enabled: bool = True
+    #: Show patient names, IDs and birth dates (off: UIDs, accession numbers and dates only).
+    show_patient_data: bool = False
+    #: Offer release, retry, resend and reprocess buttons (each needs a token from ``token_file``).
+    actions: bool = False
+    #: File with one ``NAME:TOKEN`` per line (``NAME`` is recorded in the audit trail as who acted).
+    token_file: str = ""
+    #: Seconds between automatic reloads of a page (HTML meta refresh).
+    refresh_s: int = 30
+    #: Base URL of the pages as others reach them (links in notifications); empty:
+    #: ``http://<metrics.bind>:<metrics.port>``.
+    public_url: str = ""
+
+    def validate(self, key: str) -> None:
+        if self.actions and not self.token_file:
+            raise ConfigError(f"{key}.token_file", self.token_file, "a token file when actions = true")
+        if self.token_file and not Path(self.token_file).is_file():
+            raise ConfigError(f"{key}.token_file", self.token_file, "an existing readable file")
+        _check_range(f"{key}.refresh_s", self.refresh_s, 0, 3600)
+        if self.public_url and not re.match(r"^https?://", self.public_url):
+            raise ConfigError(f"{key}.public_url", self.public_url, "empty or an http(s):// URL")
+
+
+#: Events a notification can subscribe to.
+NOTIFICATION_EVENTS = ("done", "held", "failed", "delivered", "dead_letter")
+
+
+@dataclass(frozen=True)
+class NotificationConfig:
+    """Someone told about job and delivery events: a webhook (HTTP POST of JSON)."""
+
+    name: str
+    #: ``webhook`` (HTTP POST of a JSON body); ``hl7`` is not implemented yet.
+    kind: str = "webhook"
+    url: str = ""
+    #: Which events: any of ``done``, ``held``, ``failed``, ``delivered``, ``dead_letter``.
+    events: tuple[str, ...] = ("done", "held", "failed", "dead_letter")
+    #: File holding the HMAC-SHA256 key; the body's signature goes into ``X-Lungnode-Signature``.
+    secret_file: str = ""
+    #: Put patient name and ID into the body.
+    include_patient_data: bool = False
+    #: PEM CA bundle to verify an https:// receiver (empty: the system's CAs).
+    ca: str = ""
+    #: Seconds to wait for the receiver.
+    timeout_s: float = 10.0
+    #: Delay before each retry; after the last one the notification is dead-lettered.
+    retry_delays_s: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 3600.0)
+
+    def validate(self, key: str) -> None:
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
+            raise ConfigError(f"{key}.name", self.name, "1-64 letters, digits, '_', '.', '-'")
+        if self.kind != "webhook":
+            raise ConfigError(f"{key}.kind", self.kind, "'webhook' (hl7 is not implemented)")
+        if not re.match(r"^https?://", self.url):
+            raise ConfigError(f"{key}.url", self.url, "an http:// or https:// URL")
+        for event in self.events:
+            if event not in NOTIFICATION_EVENTS:
+                raise ConfigError(f"{key}.events", list(self.events),
+                                  f"a list of {', '.join(NOTIFICATION_EVENTS)}")
+        for name in ("secret_file", "ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}.{name}", path, "an existing readable file")
+        _check_range(f"{key}.timeout_s", self.timeout_s, 0.1, 600)
+        for i, delay in enumerate(self.retry_delays_s):
+            _check_range(f"{key}.retry_delays_s[{i}]", delay, 0.0, 7 * 86400)
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     """Cleanup of received instances and results."""
 
@@ -505,6 +580,8 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    notifications: tuple[NotificationConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this was read from (None: embedded defaults).
@@ -522,6 +599,9 @@ class Config:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ConfigError("destinations", names, "unique destination names")
+        names = [n.name for n in self.notifications]
+        if len(names) != len(set(names)):
+            raise ConfigError("notifications", names, "unique notification names")
 
     def destination(self, name: str) -> DestinationConfig:
         """Return the destination called ``name`` (KeyError if none)."""

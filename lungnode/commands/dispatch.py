@@ -105,7 +105,8 @@ def _reprocess(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _explain_lines(db: Database, config: Config, series_uid: str, verbose: bool) -> list[str] | None:
+def explain_lines(db: Database, config: Config, series_uid: str, verbose: bool) -> list[str] | None:
+    """What ``lungnode explain`` prints for a stored series (``None``: not stored); also the web page's."""
     from lungnode.node.completion import OWN_OUTPUT_RULE
     from lungnode.node.rules import Decision, decide, format_decision, format_features, load_features
     from lungnode.storage.models import Series
@@ -133,7 +134,7 @@ def _explain_lines(db: Database, config: Config, series_uid: str, verbose: bool)
 def _explain(args: argparse.Namespace, config: Config) -> int:
     db = _db(config)
     try:
-        lines = _explain_lines(db, config, args.series_uid, verbose=True)
+        lines = explain_lines(db, config, args.series_uid, verbose=True)
     finally:
         db.dispose()
     if lines is None:
@@ -152,7 +153,7 @@ def _dry_run(args: argparse.Namespace, config: Config) -> int:
             uids = list(s.scalars(select(Series.series_uid).order_by(Series.id)).all())
         print(f"{'decision':<8} {'rule':<20} {'state':<10} {'slices':>5} series")
         for uid in uids:
-            print("\n".join(_explain_lines(db, config, uid, verbose=args.verbose) or []))
+            print("\n".join(explain_lines(db, config, uid, verbose=args.verbose) or []))
         print(f"{len(uids)} series")
     finally:
         db.dispose()

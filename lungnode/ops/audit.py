@@ -27,6 +27,7 @@ EVENTS = (
     "delivered",        # results acknowledged by a destination
     "delivery_dead",    # retries exhausted
     "cleanup",          # retention deleted data
+    "web_action",       # an operator's release/retry/resend/reprocess from the web page (who, outcome)
 )
 
 
