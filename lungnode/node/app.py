@@ -35,6 +35,7 @@ SERVICE_FACTORIES: list[str] = [
     "lungnode.node.worker:make_service",
     "lungnode.node.delivery:make_service",
     "lungnode.ops.server:make_service",
+    "lungnode.ops.notify:make_service",
     "lungnode.ops.retention:make_service",
 ]
 
