@@ -496,17 +496,18 @@ NOTIFICATION_EVENTS = ("done", "held", "failed", "delivered", "dead_letter")
 
 @dataclass(frozen=True)
 class NotificationConfig:
-    """Someone told about job and delivery events: a webhook (HTTP POST of JSON)."""
+    """Someone told about job and delivery events: a webhook (HTTP POST of JSON) or HL7 ORU^R01."""
 
     name: str
-    #: ``webhook`` (HTTP POST of a JSON body); ``hl7`` is not implemented yet.
+    #: ``webhook`` (HTTP POST of a JSON body) or ``hl7`` (ORU^R01 over MLLP).
     kind: str = "webhook"
+    #: ``http(s)://…`` for a webhook, ``mllp://HOST:PORT`` for hl7.
     url: str = ""
     #: Which events: any of ``done``, ``held``, ``failed``, ``delivered``, ``dead_letter``.
     events: tuple[str, ...] = ("done", "held", "failed", "dead_letter")
     #: File holding the HMAC-SHA256 key; the body's signature goes into ``X-Lungnode-Signature``.
     secret_file: str = ""
-    #: Put patient name and ID into the body.
+    #: Put patient name and ID into the body (hl7: into PID; most RIS need them).
     include_patient_data: bool = False
     #: PEM CA bundle to verify an https:// receiver (empty: the system's CAs).
     ca: str = ""
@@ -518,10 +519,12 @@ class NotificationConfig:
     def validate(self, key: str) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
             raise ConfigError(f"{key}.name", self.name, "1-64 letters, digits, '_', '.', '-'")
-        if self.kind != "webhook":
-            raise ConfigError(f"{key}.kind", self.kind, "'webhook' (hl7 is not implemented)")
-        if not re.match(r"^https?://", self.url):
+        if self.kind not in ("webhook", "hl7"):
+            raise ConfigError(f"{key}.kind", self.kind, "'webhook' or 'hl7'")
+        if self.kind == "webhook" and not re.match(r"^https?://", self.url):
             raise ConfigError(f"{key}.url", self.url, "an http:// or https:// URL")
+        if self.kind == "hl7" and not re.match(r"^mllp://[^/:]+:\d+/?$", self.url):
+            raise ConfigError(f"{key}.url", self.url, "mllp://HOST:PORT")
         for event in self.events:
             if event not in NOTIFICATION_EVENTS:
                 raise ConfigError(f"{key}.events", list(self.events),

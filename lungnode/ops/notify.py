@@ -1,4 +1,4 @@
-"""Webhook notifications: job and delivery events POSTed as signed JSON, at least once.
+"""Notifications: job and delivery events as signed JSON webhooks or HL7 ORU^R01, at least once.
 
 Source of events
     The audit trail. The service reads new ``audit_events`` rows (``job_done`` → ``done``,
@@ -22,6 +22,9 @@ Body
     number, study date, series description, model name and version, measurements and score; for
     delivery events the destination, attempts and error. Patient name and ID only with
     ``include_patient_data = true``.
+HL7
+    ``kind = "hl7"`` receivers get the same body as an ORU^R01 over MLLP (:mod:`lungnode.ops.hl7`)
+    with the control id ``LN<row id>``; an ``AA``/``CA`` acknowledgement counts as sent.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from lungnode.config import Config, NotificationConfig
+from lungnode.ops import hl7
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import (
@@ -213,6 +217,13 @@ class NotificationSender:
         status: int | None = None
         if receiver is None:
             error = f"notification {name!r} is no longer configured"
+        elif receiver.kind == "hl7":
+            try:
+                code = hl7.send_mllp(receiver.url, hl7.oru_r01(payload, f"LN{notification_id}"),
+                                     receiver.timeout_s)
+                error = "" if code in hl7.ACCEPTED else f"HL7 ACK {code}"
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
         else:
             body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
             headers = {"Content-Type": "application/json", "User-Agent": "lungnode",

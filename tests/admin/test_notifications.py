@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from sqlalchemy import select
-from webhook_listener import webhook_listener
+from webhook_listener import mllp_listener, webhook_listener
 
 from lungnode.config import Config, parse_config
 from lungnode.ops.audit import record_event
@@ -124,3 +124,30 @@ def test_patient_data_only_when_configured(tmp_path: Path) -> None:
             record_event(s, "job_failed", study_uid=STUDY, series_uid=SERIES, job_pk=7, reason="x")
         NotificationSender(config, db).run_once()
         assert json.loads(hook.requests[0].body)["patient"] == {"name": "Doe^Jane", "id": "PID-7"}
+
+
+def test_hl7_oru_r01_over_mllp_with_impression_and_retry_on_reject(tmp_path: Path) -> None:
+    with mllp_listener(codes=["AE"]) as ris:
+        config, db = _setup(tmp_path, "http://unused.invalid/")
+        receiver = dataclasses.replace(config.notifications[0], kind="hl7", url=ris.url,
+                                       include_patient_data=True)
+        config = dataclasses.replace(config, notifications=(receiver,))
+        config.validate()
+        with db.session() as s:
+            record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
+        sender = NotificationSender(config, db)
+        sender.run_once()  # answered AE: retried
+        sender.run_once()
+        assert len(ris.messages) == 2  # the same control id on both attempts
+        assert {m.split("\r")[0].split("|")[9] for m in ris.messages} == {"LN1"}
+        segments = {line.split("|")[0]: line.split("|") for line in ris.messages[1].split("\r") if line}
+        assert segments["MSH"][8] == "ORU^R01^ORU_R01" and segments["MSH"][9] == "LN1"
+        assert segments["PID"][3] == "PID-7" and segments["PID"][5] == "Doe\\S\\Jane"  # ^ escaped
+        assert segments["OBR"][3] == "ACC42" and segments["OBR"][7] == "20240101"
+        assert segments["OBR"][25] == "F"
+        obx = [line.split("|") for line in ris.messages[1].split("\r") if line.startswith("OBX")]
+        assert obx[0][3].startswith("LN0001^Percent of lung involved") and obx[0][5] == "12.50"
+        assert obx[-1][2] == "TX" and "Infiltrate involves 12.50 % of the lungs" in obx[-1][5]
+        with db.session() as s:
+            row = s.scalars(select(Notification)).one()
+            assert (row.state, row.attempts) == ("sent", 1)

@@ -60,3 +60,57 @@ def webhook_listener(statuses: list[int] | None = None) -> Iterator[Listener]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class MllpListener:
+    """What the MLLP listener got, and the MSA-1 codes it answers with (then ``AA``)."""
+
+    port: int = 0
+    messages: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"mllp://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def mllp_listener(codes: list[str] | None = None) -> Iterator[MllpListener]:
+    """A real MLLP (HL7 v2) receiver on a free port that acknowledges each message."""
+    import socket
+
+    state = MllpListener(codes=list(codes or []))
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    state.port = int(server.getsockname()[1])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                data = b""
+                while b"\x1c\r" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                message = data.strip(b"\x0b").split(b"\x1c\r")[0].decode()
+                state.messages.append(message)
+                control = message.split("\r")[0].split("|")[9]
+                code = state.codes.pop(0) if state.codes else "AA"
+                ack = f"MSH|^~\\&|RIS||LUNGNODE||20240101||ACK^R01|A{control}|P|2.5.1\rMSA|{code}|{control}\r"
+                conn.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join(2)
+        server.close()
