@@ -27,15 +27,21 @@ class Listener:
     statuses: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    https: bool = False
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/lungnode"
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.port}/lungnode"
 
 
 @contextmanager
-def webhook_listener(statuses: list[int] | None = None) -> Iterator[Listener]:
-    """Serve on a free port; answer each POST with the next of ``statuses`` (then 200)."""
-    state = Listener(statuses=list(statuses or []))
+def webhook_listener(statuses: list[int] | None = None,
+                     tls: tuple[str, str] | None = None) -> Iterator[Listener]:
+    """Serve on a free port; answer each POST with the next of ``statuses`` (then 200).
+
+    ``tls``: (certificate PEM, key PEM) to serve HTTPS.
+    """
+    state = Listener(statuses=list(statuses or []), https=tls is not None)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -52,6 +58,12 @@ def webhook_listener(statuses: list[int] | None = None) -> Iterator[Listener]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     state.port = int(server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
