@@ -43,19 +43,27 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 class StowTarget(Protocol):
     """What STOW-RS needs from a destination (:class:`lungnode.config.DestinationConfig`)."""
 
-    name: str
-    url: str
-    auth: str
-    username: str
-    secret_file: str
-    ca: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def auth(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def secret_file(self) -> str: ...
+    @property
+    def ca(self) -> str: ...
 
 
 class StowItem(Protocol):
     """A stored file to send."""
 
-    sop_instance_uid: str
-    path: Path
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
 
 
 @dataclass

@@ -42,7 +42,7 @@ from lungnode.storage.models import Delivery, Job
 log = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "running", "done", "failed", "held", "superseded")
-DELIVERY_STATES = ("pending", "sent", "dead")
+DELIVERY_STATES = ("pending", "sent", "dead", "shadow")
 
 
 def refresh_state_gauges(db: Database | None, storage_root: Path | None) -> None:

@@ -129,3 +129,39 @@ def test_answer_parser_partial_and_failed() -> None:
     assert parse_answer(409, b"", ["1.1"]).error
     body, ctype = multipart_body([b"abc"])
     assert ctype.split("boundary=")[1].encode() in body
+
+
+@pytest.mark.parametrize(("extra", "key", "expected"), [
+    ('kind = "stow-rs"\nurl = "ftp://x"', "destinations[0].url", "http"),
+    ('kind = "stow-rs"\nurl = "http://x"\nauth = "digest"', "destinations[0].auth", "'basic'"),
+    ('kind = "stow-rs"\nurl = "http://x"\nauth = "basic"\nsecret_file = "/etc/hostname"',
+     "destinations[0].username", "user name"),
+    ('kind = "stow-rs"\nurl = "http://x"\nauth = "bearer"', "destinations[0].secret_file", "token"),
+    ('kind = "stow-rs"\nurl = "http://x"\nca = "/nonexistent.pem"', "destinations[0].ca", "existing"),
+    ('kind = "dicomweb"', "destinations[0].kind", "'stow-rs'"),
+    ('mode = "dry"\nae_title = "P"\nhost = "h"', "destinations[0].mode", "'shadow'"),
+    ('ae_title = "P"', "destinations[0].host", "host"),
+])
+def test_destination_config_errors(extra: str, key: str, expected: str) -> None:
+    from lungnode.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[destinations]]\nname = "d"\n{extra}\n')
+    assert info.value.key == key and expected in info.value.expected
+
+
+def test_check_destination_command_for_stow_rs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.node_process import REPO, free_port
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nroot = "{tmp_path}"\n[delivery]\ntimeout_s = 3.0\n[[destinations]]\n'
+                   f'name = "cloud"\nkind = "stow-rs"\nurl = "http://127.0.0.1:{free_port()}/dicom-web"\n'
+                   'mode = "shadow"\n')
+    out = subprocess.run([sys.executable, "-m", "lungnode.cli", "check-destination", "cloud",
+                          "--config", str(cfg)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 1
+    assert "STOW-RS http://127.0.0.1" in out.stdout and "shadow mode" in out.stdout
+    assert "FAILED: cannot reach" in out.stdout
