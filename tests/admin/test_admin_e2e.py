@@ -94,7 +94,7 @@ def test_stow_rs_shadow_label_and_webhooks(tmp_path: Path, chest_ct_dir: Path) -
                     db.dispose()
                 with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=30) as resp:
                     overview = resp.read().decode()
-                assert "preview" in overview and ">shadow<" in overview
+                assert f"dimse PACS@127.0.0.1:{shadow_pacs.port}" in overview  # would have gone there
         assert shadow_pacs.received == [] and shadow_pacs.proposed == set()
         ids = orthanc.wait_for_instances(2)
         descriptions = sorted(orthanc.instance_tags(i)["SeriesDescription"] for i in ids)

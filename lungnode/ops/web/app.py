@@ -71,7 +71,8 @@ class WebPages:
         if path == "/":
             report = self.health()
             with self.db.session() as s:
-                body = pages.overview(s, report, self.store.root, self.web.show_patient_data)
+                body = pages.overview(s, report, self.store.root, self.web.show_patient_data,
+                                      {d.name: f"{d.kind} {d.target}" for d in self.config.destinations})
             return self._html("lungnode", body)
         if m := _PICTURE.match(path):
             try:

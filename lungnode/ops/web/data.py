@@ -141,9 +141,17 @@ def troubled_deliveries(s: Session) -> list[dict[str, Any]]:
 
 
 def shadow_deliveries(s: Session, limit: int = 50) -> list[dict[str, Any]]:
-    """Deliveries to shadow destinations: what would have been sent."""
-    return [_delivery(d) for d in s.scalars(select(Delivery).where(Delivery.state == "shadow")
+    """Deliveries to shadow destinations, with the objects they would have received."""
+    rows = [_delivery(d) for d in s.scalars(select(Delivery).where(Delivery.state == "shadow")
                                             .order_by(Delivery.id.desc()).limit(limit))]
+    events = s.scalars(select(AuditEvent).where(
+        AuditEvent.event == "delivery_shadow",
+        AuditEvent.job_pk.in_([r["job_pk"] for r in rows])).order_by(AuditEvent.id))
+    objects = {(e.job_pk, (e.details or {}).get("destination")): len((e.details or {}).get("objects", []))
+               for e in events}
+    for row in rows:
+        row["objects"] = objects.get((row["job_pk"], row["destination"]))
+    return rows
 
 
 def _notification(n: Notification) -> dict[str, Any]:

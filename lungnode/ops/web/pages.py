@@ -40,8 +40,15 @@ def _notifications_table(rows: list[dict[str, Any]], with_job: bool) -> str:
         esc(n["created_at"]), esc(n["sent_at"]), esc(n["last_error"][:300])] for n in rows])
 
 
-def overview(session: Any, report: HealthReport, storage_root: Path, show_patient_data: bool) -> str:
-    """Body of ``/``."""
+def _shadow_table(rows: list[dict[str, Any]], targets: dict[str, str]) -> str:
+    return table(["job", "destination", "would have gone to", "objects", "recorded (UTC)"], [
+        [link_job(d["job_pk"]), esc(d["destination"]), esc(targets.get(d["destination"], "?")),
+         esc(d["objects"]), esc(d["delivered_at"])] for d in rows])
+
+
+def overview(session: Any, report: HealthReport, storage_root: Path, show_patient_data: bool,
+             targets: dict[str, str]) -> str:
+    """Body of ``/`` (``targets``: destination name → where it sends, for the shadow table)."""
     counts = data.counts(session)
     rates = data.rates(session)
     try:
@@ -88,7 +95,7 @@ def overview(session: Any, report: HealthReport, storage_root: Path, show_patien
         + "<h2>Failing and dead-letter deliveries</h2>"
         + _deliveries_table(data.troubled_deliveries(session), with_job=True)
         + "<h2>Shadow destinations: what would have been sent</h2>"
-        + _deliveries_table(data.shadow_deliveries(session), with_job=True)
+        + _shadow_table(data.shadow_deliveries(session), targets)
         + "<h2>Failing and dead notifications</h2>"
         + _notifications_table(data.troubled_notifications(session), with_job=True))
 
