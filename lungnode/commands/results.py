@@ -25,7 +25,7 @@ def _open(config: Config) -> tuple[Any, Any]:
 
 
 def _check_destination(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import SOP_NAMES, TS_NAMES, check_destination
+    from lungnode.node.dimse.scu import SOP_NAMES, TS_NAMES, check_destination
 
     try:
         dest = config.destination(args.name)
@@ -35,7 +35,7 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAIL
     shadow = " (shadow mode: results are recorded, never sent)" if dest.mode == "shadow" else ""
     if dest.kind == "stow-rs":
-        from lungnode.node.stowrs import check_stow
+        from lungnode.node.results.stowrs import check_stow
 
         stow = check_stow(dest, timeout=config.delivery.timeout_s)
         print(f"destination {dest.name}: STOW-RS {dest.url} (auth {dest.auth}){shadow}")
@@ -63,7 +63,7 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
 
 
 def _send_now(config: Config, db: Any, store: Any, job_pk: int, names: list[str]) -> int:
-    from lungnode.node.delivery import DeliverySender
+    from lungnode.node.results.delivery import DeliverySender
     from lungnode.storage.models import Delivery
 
     sender = DeliverySender(config, db, store)
@@ -101,7 +101,7 @@ def _wait_for_other_sender(db: Any, delivery_id: int, timeout: float) -> str:
 
 
 def _resend(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import resend
+    from lungnode.node.results.delivery import resend
 
     db, store = _open(config)
     try:
@@ -114,7 +114,7 @@ def _resend(args: argparse.Namespace, config: Config) -> int:
 
 
 def _release(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import release
+    from lungnode.node.results.delivery import release
 
     db, store = _open(config)
     try:
@@ -130,8 +130,8 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
     from lungnode.inference.dicom_io import SeriesError
     from lungnode.inference.engine import infer_folder
     from lungnode.inference.geometry import GeometryError
-    from lungnode.node.pipeline import engine_from_config, output_context
-    from lungnode.node.quality import check_quality
+    from lungnode.node.dispatch.pipeline import engine_from_config, output_context
+    from lungnode.node.dispatch.quality import check_quality
     from lungnode.node.results.build import Profile, build_outputs
     from lungnode.node.results.seg import SegOptions
 

@@ -13,7 +13,7 @@ import hmac
 from pathlib import Path
 
 from lungnode.config import Config
-from lungnode.ops.audit import record_event
+from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.models import Job
 
@@ -45,7 +45,8 @@ def token_owner(token_file: str, token: str) -> str | None:
 
 
 def _run(db: Database, config: Config, action: str, job_pk: int) -> str:
-    from lungnode.node import delivery, jobs
+    from lungnode.node.dispatch import jobs
+    from lungnode.node.results import delivery
 
     if action == "release":
         queued = delivery.release(db, config, job_pk)
