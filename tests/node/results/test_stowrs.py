@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from orthanc import OrthancServer
 
+from lungnode.inference.types import InferenceResult
 from lungnode.node.results.stowrs import check_stow, multipart_body, parse_answer, stow_items
 from tests.ops.webhook_listener import webhook_listener
 
@@ -165,3 +166,77 @@ def test_check_destination_command_for_stow_rs(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "STOW-RS http://127.0.0.1" in out.stdout and "shadow mode" in out.stdout
     assert "FAILED: cannot reach" in out.stdout
+
+
+def _stow_config(tmp_path: Path, url: str, secret: Path, delays: str = "[0.3, 0.3]") -> str:
+    return f"""
+[storage]
+root = "{tmp_path / 'store'}"
+fsync = false
+min_free_disk_mb = 0
+[[destinations]]
+name = "cloud"
+kind = "stow-rs"
+url = "{url}"
+auth = "basic"
+username = "lungnode"
+secret_file = "{secret}"
+objects = ["seg", "sr"]
+[delivery]
+retry_delays_s = {delays}
+timeout_s = 10.0
+lease_s = 5.0
+poll_s = 0.1
+"""
+
+
+def test_stow_destination_down_then_sent_once_and_dead_letter(tmp_path: Path,
+                                                            chest_result: InferenceResult) -> None:
+    """The delivery service with a STOW-RS destination: retry while Orthanc is down, every
+    acknowledgement recorded once it is up, nothing sent twice; a refused password ends as a dead
+    letter with its audit event."""
+    import time
+
+    from sqlalchemy import select
+
+    from lungnode.config import parse_config
+    from lungnode.node.results.delivery import DeliverySender
+    from lungnode.storage.models import AuditEvent, Output
+    from tests.node.results.test_results_delivery import delivery, drain, setup_job
+
+    if not (OrthancServer.available() and Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists()):
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed")
+    secret = tmp_path / "pw"
+    secret.write_text("pa55word")
+    server = OrthancServer(tmp_path / "orthanc", dicomweb=True, users={"lungnode": "pa55word"})
+    config = parse_config(_stow_config(tmp_path, server.dicomweb_url, secret))
+    db, store, job_pk = setup_job(config, chest_result)
+    sender = DeliverySender(config, db, store)
+    assert sender.run_once() == 1
+    d = delivery(db, job_pk)
+    assert d.state == "pending" and d.attempts == 1 and "STOW-RS to cloud failed" in d.last_error
+    server.start()
+    try:
+        time.sleep(0.4)
+        d = drain(sender, db, job_pk)
+        assert d.state == "sent" and d.attempts == 1
+        with db.session() as s:
+            uids = set(s.scalars(select(Output.sop_instance_uid).where(Output.job_pk == job_pk,
+                                                                     Output.kind.in_(["seg", "sr"]))))
+        assert set(d.acknowledged) == uids and len(d.acknowledged) == 2
+        assert {server.instance_tags(i)["SOPInstanceUID"] for i in server.wait_for_instances(2)} == uids
+        time.sleep(0.5)
+        assert sender.run_once() == 0 and len(server.instances()) == 2  # exactly once
+
+        secret.write_text("wrong")
+        (tmp_path / "store2").mkdir()
+        config2 = parse_config(_stow_config(tmp_path / "store2", server.dicomweb_url, secret, "[0.0]"))
+        db2, store2, job2 = setup_job(config2, chest_result)
+        sender2 = DeliverySender(config2, db2, store2)
+        assert sender2.run_once() == 1 and sender2.run_once() == 1
+        d2 = delivery(db2, job2)
+        assert d2.state == "dead" and d2.attempts == 2 and "HTTP 401" in d2.last_error
+        with db2.session() as s:
+            assert s.scalar(select(AuditEvent.event).where(AuditEvent.event == "delivery_dead")) is not None
+    finally:
+        server.stop()
