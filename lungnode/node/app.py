@@ -34,7 +34,7 @@ SERVICE_FACTORIES: list[str] = [
     "lungnode.node.dispatch.completion:make_service",
     "lungnode.node.dispatch.worker:make_service",
     "lungnode.node.results.delivery:make_service",
-    "lungnode.ops.server:make_service",
+    "lungnode.node.web.app:make_service",
     "lungnode.ops.notify:make_service",
     "lungnode.ops.retention:make_service",
 ]

@@ -13,8 +13,8 @@ Prometheus server, e.g. through a firewall rule or a reverse proxy).
     ``200`` with ``{"status": "ok", …}`` or ``503`` with ``{"status": "unhealthy", …}`` and the
     detail of each check (:mod:`lungnode.ops.health`). No patient data in either.
 Everything else (``/``, ``/series/…``, ``/jobs/…``)
-    The status web pages (:mod:`lungnode.ops.web`) when ``[web] enabled``; only ``lungnode run``
-    serves them.
+    Handed to the :class:`PageHandler` given as ``web`` (``lungnode run`` gives the status pages
+    of :mod:`lungnode.node.web` when ``[web] enabled``); without one, 404.
 
 :func:`make_service` is the ``SERVICE_FACTORIES`` entry for ``lungnode run``.
 """
@@ -27,20 +27,45 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import func, select
 
 from lungnode.config import Config
 from lungnode.ops import health, metrics
-from lungnode.ops.web.app import MAX_FORM_BYTES, Response, WebPages
 from lungnode.storage import audit
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Delivery, Job
 
 log = logging.getLogger(__name__)
+
+#: Largest form body a page handler is given.
+MAX_FORM_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a page handler answers."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class PageHandler(Protocol):
+    """Pages served beside ``/metrics`` and ``/healthz`` (the node's status pages)."""
+
+    def get(self, path: str) -> Response:
+        """Answer a GET (query string removed)."""
+
+    def post(self, path: str, form: bytes, client: str) -> Response:
+        """Answer a POST with its form body and the client's address."""
+
 
 JOB_STATES = ("queued", "running", "done", "failed", "held", "superseded")
 DELIVERY_STATES = ("pending", "sent", "dead", "shadow")
@@ -137,7 +162,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], checks: Sequence[health.Check],
-                 db: Database | None, storage_root: Path | None, web: WebPages | None = None) -> None:
+                 db: Database | None, storage_root: Path | None, web: PageHandler | None = None) -> None:
         self.checks = list(checks)
         self.db = db
         self.storage_root = storage_root
@@ -169,7 +194,7 @@ class MetricsService:
 
     def __init__(self, bind: str, port: int, checks: Sequence[Callable[[], health.CheckResult]],
                  db: Database | None = None, storage_root: Path | None = None, *,
-                 optional: bool = False, enabled: bool = True, web: WebPages | None = None) -> None:
+                 optional: bool = False, enabled: bool = True, web: PageHandler | None = None) -> None:
         self.bind = bind
         self.port = port
         self.checks = list(checks)
@@ -233,10 +258,8 @@ def make_service(config: Config, db: Database, store: FileStore) -> MetricsServi
     audit.ensure_append_only(db)
     checks = health.standard_checks(config, db, listener=True,
                                     local_workers=config.jobs.local_workers)
-    web = (WebPages(config, db, store, lambda: health.run_checks(checks))
-           if config.web.enabled else None)
     return MetricsService(config.metrics.bind, config.metrics.port, checks, db, store.root,
-                          enabled=config.metrics.enabled, web=web)
+                          enabled=config.metrics.enabled)
 
 
 def make_worker_service(config: Config, db: Database, store: FileStore) -> MetricsService:

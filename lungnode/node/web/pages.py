@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lungnode.ops.health import HealthReport
-from lungnode.ops.web import data
-from lungnode.ops.web.render import (
+from lungnode.node.web import data
+from lungnode.node.web.render import (
     esc,
     fmt_bytes,
     json_block,
@@ -17,6 +16,7 @@ from lungnode.ops.web.render import (
     state,
     table,
 )
+from lungnode.ops.health import HealthReport
 
 
 def _patient_cells(row: dict[str, Any], show: bool) -> list[str]:

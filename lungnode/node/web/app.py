@@ -1,7 +1,9 @@
 """Routing of the status pages inside the metrics HTTP server (:mod:`lungnode.ops.server`).
 
 :class:`WebPages` answers ``GET`` and ``POST`` requests for every path except ``/metrics`` and
-``/healthz`` with a :class:`Response`; the server only writes it out.
+``/healthz`` with a :class:`~lungnode.ops.server.Response`; the server only writes it out.
+:func:`make_service` is the ``SERVICE_FACTORIES`` entry of ``lungnode run``: the metrics endpoint
+with these pages.
 """
 
 from __future__ import annotations
@@ -9,35 +11,25 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
 from lungnode.config import Config
+from lungnode.node.dispatch.explain import explain_lines
+from lungnode.node.web import actions, data, pages, picture
+from lungnode.node.web.render import esc, page
+from lungnode.ops import health, server
 from lungnode.ops.health import HealthReport
-from lungnode.ops.web import actions, data, pages, picture
-from lungnode.ops.web.render import esc, page
+from lungnode.ops.server import Response
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
 HTML = "text/html; charset=utf-8"
-#: Largest form body accepted.
-MAX_FORM_BYTES = 8192
 _JOB = re.compile(r"^/jobs/(\d{1,12})$")
 _PICTURE = re.compile(r"^/jobs/(\d{1,12})/picture\.png$")
 _ACTION = re.compile(r"^/jobs/(\d{1,12})/action$")
 _SERIES = re.compile(r"^/series/([0-9.]{1,64})$")
-
-
-@dataclass(frozen=True)
-class Response:
-    """What to answer."""
-
-    status: int
-    body: bytes
-    content_type: str = HTML
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class WebPages:
@@ -60,7 +52,7 @@ class WebPages:
         self.health = health
 
     def _html(self, title: str, body: str, status: int = 200, refresh: bool = True) -> Response:
-        return Response(status, page(title, body, self.web.refresh_s if refresh else 0))
+        return Response(status, page(title, body, self.web.refresh_s if refresh else 0), HTML)
 
     def _not_found(self, what: str) -> Response:
         return self._html("not found", f"<h1>Not found</h1><p>{esc(what)}</p>", 404, refresh=False)
@@ -88,8 +80,6 @@ class WebPages:
             body = pages.job_page(detail, self.web.actions, self.web.show_patient_data)
             return self._html(f"job {m.group(1)}", body)
         if m := _SERIES.match(path):
-            from lungnode.commands.dispatch import explain_lines
-
             uid = m.group(1)
             explain = explain_lines(self.db, self.config, uid, verbose=True)
             with self.db.session() as s:
@@ -119,3 +109,13 @@ class WebPages:
                               409, refresh=False)
         log.info("web: %s on job %d from %s", action, job_pk, client)
         return self._html("done", f"<h1>Done</h1><p>{esc(message)}</p>{back}", 200, refresh=False)
+
+
+def make_service(config: Config, db: Database, store: FileStore) -> server.MetricsService:
+    """``SERVICE_FACTORIES`` entry of ``lungnode run``: ``/metrics``, ``/healthz`` and, with
+    ``[web] enabled``, the status pages, on ``[metrics] bind:port``."""
+    service = server.make_service(config, db, store)
+    if config.web.enabled:
+        checks = service.checks
+        service.web = WebPages(config, db, store, lambda: health.run_checks(checks))
+    return service

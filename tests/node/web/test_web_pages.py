@@ -12,10 +12,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from lungnode.config import Config, WebConfig, parse_config
+from lungnode.node.web.actions import token_owner
+from lungnode.node.web.app import WebPages
 from lungnode.ops import health
 from lungnode.ops.server import MetricsService
-from lungnode.ops.web.actions import token_owner
-from lungnode.ops.web.app import WebPages
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import AuditEvent, Delivery, Job, Patient, Series, Study

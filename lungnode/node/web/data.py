@@ -1,7 +1,7 @@
 """What the status pages show, read from the database (no HTML here).
 
 Every function takes an open session and returns plain dicts/lists ready for
-:mod:`lungnode.ops.web.render`. Patient fields are included only when asked for.
+:mod:`lungnode.node.web.render`. Patient fields are included only when asked for.
 """
 
 from __future__ import annotations
