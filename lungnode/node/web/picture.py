@@ -1,13 +1,15 @@
 """The job page's picture: up to three key slices with lung and infiltrate outlines, as PNG.
 
 Made once per job from what the job stored (its SEG and the source CT slices it references) and
-kept at ``<storage root>/web/job-N.png``; later requests serve the file. The slices are the one
-with the most infiltrate, and the ones with the most lung above and below it (or the three with
-the most lung when there is no infiltrate). No patient data is drawn.
+kept at ``<storage root>/web/job-N.png`` (deleted by retention with the job's results); later
+requests serve the file. The slices are the one with the most infiltrate, and the ones with the
+most lung above and below it (or the three with the most lung when there is no infiltrate). No
+patient data is drawn.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 from pathlib import Path
@@ -33,8 +35,8 @@ class NoPictureError(LookupError):
 
 
 def picture_path(store: FileStore, job_pk: int) -> Path:
-    """Where the picture of a job is kept."""
-    return store.root / "web" / f"job-{int(job_pk)}.png"
+    """Where the picture of a job is kept (retention deletes it with the job's results)."""
+    return store.path(store.picture_relpath(job_pk))
 
 
 def _seg_frames(path: Path) -> dict[str, dict[str, npt.NDArray[np.bool_]]]:
@@ -137,13 +139,23 @@ def render_picture(db: Database, store: FileStore, job_pk: int) -> bytes:
 
 
 def job_picture(db: Database, store: FileStore, job_pk: int) -> bytes:
-    """The picture of a job: the kept file, or drawn now and kept (written atomically)."""
+    """The picture of a job: the kept file, or drawn now and kept (written atomically).
+
+    The file's modification time is set to the job's end, so that retention, which leaves files
+    newer than the results it deletes, treats the picture as part of them.
+    """
     path = picture_path(store, job_pk)
     if path.is_file():
         return path.read_bytes()
     png = render_picture(db, store, job_pk)
+    with db.session() as s:
+        job = s.get(Job, job_pk)
+        finished = job.finished_at if job is not None else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(png)
+    if finished is not None:
+        stamp = (finished if finished.tzinfo else finished.replace(tzinfo=dt.UTC)).timestamp()
+        os.utime(tmp, (stamp, stamp))
     os.replace(tmp, path)
     return png

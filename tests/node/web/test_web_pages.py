@@ -4,6 +4,8 @@ HTML escaping, and the pages served by the metrics HTTP server itself."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,7 +20,7 @@ from lungnode.ops import health
 from lungnode.ops.server import MetricsService
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
-from lungnode.storage.models import AuditEvent, Delivery, Job, Patient, Series, Study
+from lungnode.storage.models import AuditEvent, Delivery, Job, Patient, Series, Study, utcnow
 
 SERIES, STUDY = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
 
@@ -120,3 +122,24 @@ def test_pages_are_served_beside_metrics(tmp_path: Path) -> None:
             raise AssertionError("an oversized form was accepted")
     finally:
         service.stop()
+
+
+def test_retention_deletes_a_job_picture_with_its_results(tmp_path: Path) -> None:
+    from lungnode.ops import retention
+    from tests.ops.conftest import Filler, make_config
+
+    config = make_config(tmp_path / "store")
+    db = Database(config.storage.effective_database_url)
+    store = FileStore(config.storage.root_path, fsync=False)
+    filler = Filler(db, store)
+    old = filler.job(filler.series(days_old=40), state="done", days_old=40, deliveries=("sent",))
+    held = filler.job(filler.series(days_old=40), state="held", days_old=40)
+    for job in (old, held):  # as job_picture leaves it: dated at the job's end
+        path = store.write_bytes(store.picture_relpath(job), b"\x89PNG fake")
+        stamp = (utcnow() - dt.timedelta(days=40)).timestamp()
+        os.utime(path, (stamp, stamp))
+    result = retention.cleanup(db, config)
+    assert str(old) in {u.key for u in result.units}
+    assert not store.path(store.picture_relpath(old)).exists()
+    assert store.path(store.picture_relpath(held)).exists()  # held results are kept, picture too
+    db.dispose()
