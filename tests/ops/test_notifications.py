@@ -8,6 +8,7 @@ import hmac
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from lungnode.config import Config, parse_config
@@ -21,12 +22,14 @@ SERIES, STUDY = "1.2.3.4.5", "1.2.3.4"
 
 
 def _setup(tmp_path: Path, url: str, delays: str = "[0.0, 0.0]",
-           events: str = '["done", "held", "failed", "delivered", "dead_letter"]') -> tuple[Config, Database]:
+           events: str = '["done", "held", "failed", "delivered", "dead_letter"]',
+           database_url: str = "") -> tuple[Config, Database]:
     secret = tmp_path / "hook.key"
     secret.write_text("shared-secret\n")
     config = parse_config(f"""
 [storage]
 root = "{tmp_path / 'store'}"
+database_url = "{database_url}"
 [metrics]
 port = 9555
 [[notifications]]
@@ -55,9 +58,12 @@ timeout_s = 5.0
     return config, db
 
 
-def test_done_event_is_posted_signed_with_the_job_and_no_patient_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_done_event_is_posted_signed_with_the_job_and_no_patient_data(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("postgres_db_url") if backend == "postgresql" else ""
     with webhook_listener() as hook:
-        config, db = _setup(tmp_path, hook.url)
+        config, db = _setup(tmp_path, hook.url, database_url=url)
         with db.session() as s:
             record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
             record_event(s, "job_queued", study_uid=STUDY, series_uid=SERIES, job_pk=8)  # not notified
