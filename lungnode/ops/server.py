@@ -130,8 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(response.status, response.body, response.content_type, response.headers)
 
     def do_HEAD(self) -> None:
-        self._send(200 if self.path.split("?", 1)[0] in ("/", "/metrics", "/healthz") else 404, b"",
-                   "text/plain")
+        path = self.path.split("?", 1)[0]
+        if self.server.web is not None and path not in ("/metrics", "/healthz", "/health"):
+            self._respond(self.server.web.get(path))  # the body is not written for HEAD
+            return
+        self._send(200 if path in ("/", "/metrics", "/healthz") else 404, b"", "text/plain")
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)

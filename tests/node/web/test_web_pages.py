@@ -113,6 +113,9 @@ def test_pages_are_served_beside_metrics(tmp_path: Path) -> None:
             assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
         with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
             assert resp.status == 200
+        head = urllib.request.Request(base + "/jobs/3", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
         try:
             urllib.request.urlopen(urllib.request.Request(base + "/jobs/3/action", data=b"x" * 9000),
                                    timeout=10)
