@@ -186,6 +186,16 @@ def job_detail(s: Session, job_pk: int, show_patient_data: bool) -> dict[str, An
                        "decision_rule": series.decision_rule, **_patient(patient, show_patient_data)}
     events = s.scalars(select(AuditEvent).where(AuditEvent.job_pk == job_pk)
                        .order_by(AuditEvent.id)).all()
+    deliveries = {d.destination: d for d in s.scalars(select(Delivery).where(Delivery.job_pk == job_pk))}
+
+    def status(output: Output) -> str:
+        d = deliveries.get(output.destination)
+        if d is None:
+            return "not queued" if output.destination else "kept locally"
+        if output.sop_instance_uid in (d.acknowledged or []):
+            return "acknowledged"
+        return {"sent": "not for this destination", "shadow": "recorded (shadow)"}.get(d.state, d.state)
+
     return {
         "job": {"id": job.id, "state": job.state, "attempts": job.attempts, "reason": job.reason,
                 "series_uid": job.series_uid, "study_uid": job.study_uid,
@@ -198,11 +208,10 @@ def job_detail(s: Session, job_pk: int, show_patient_data: bool) -> dict[str, An
         "score": score_of(job.measurements),
         "newer_jobs": list(s.scalars(select(Job.id).where(Job.series_uid == job.series_uid,
                                                           Job.id > job.id))),
-        "deliveries": [_delivery(d) for d in s.scalars(select(Delivery).where(
-            Delivery.job_pk == job_pk).order_by(Delivery.destination))],
+        "deliveries": [_delivery(d) for _, d in sorted(deliveries.items())],
         "outputs": [{"kind": o.kind, "destination": o.destination or "(local)",
                      "sop_instance_uid": o.sop_instance_uid, "series_uid": o.series_uid,
-                     "transfer_syntax_uid": o.transfer_syntax_uid}
+                     "transfer_syntax_uid": o.transfer_syntax_uid, "status": status(o)}
                     for o in s.scalars(select(Output).where(Output.job_pk == job_pk).order_by(Output.id))],
         "notifications": [_notification(n) for n in s.scalars(select(Notification).where(
             Notification.job_pk == job_pk).order_by(Notification.id))],

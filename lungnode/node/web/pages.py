@@ -166,9 +166,10 @@ def job_page(detail: dict[str, Any], actions_enabled: bool, show_patient_data: b
         [esc(e["at"]), esc(e["event"]), esc(" ".join(x for x in (e["ae_title"], e["peer"]) if x)),
          esc(", ".join(f"{k}={v}" for k, v in sorted(e["details"].items())))[:600]]
         for e in detail["audit"]])
-    outputs = table(["kind", "built for", "SOP Instance UID", "series UID"], [
-        [esc(o["kind"]), esc(o["destination"]), f"<code>{esc(o['sop_instance_uid'])}</code>",
-         f"<code>{esc(o['series_uid'])}</code>"] for o in detail["outputs"]])
+    outputs = table(["kind", "built for", "status there", "SOP Instance UID", "series UID"], [
+        [esc(o["kind"]), esc(o["destination"]), state(o["status"]),
+         f"<code>{esc(o['sop_instance_uid'])}</code>", f"<code>{esc(o['series_uid'])}</code>"]
+        for o in detail["outputs"]])
     return (f"<h1>Job {int(job['id'])} {state(job['state'])}</h1>"
             + table((), [[esc(k), v] for k, v in facts])
             + f"<h2>Actions</h2>{_actions(job, actions_enabled)}"

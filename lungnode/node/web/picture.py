@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from sqlalchemy import select
 
 from lungnode.node.results.sc import lung_window, outline
@@ -125,14 +125,21 @@ def render_picture(db: Database, store: FileStore, job_pk: int) -> bytes:
     if not chosen:
         raise NoPictureError(f"the source slices of job {job_pk} are no longer stored")
     tiles = [_tile(store.path(instances[u][0]), masks[u]) for u in chosen]
-    caption = 22
+    caption = 26
     canvas = Image.new("RGB", (TILE * len(tiles), TILE + caption), (0, 0, 0))
     for i, tile in enumerate(tiles):
         canvas.paste(tile, (i * TILE, caption))
     draw = ImageDraw.Draw(canvas)
-    draw.text((6, 4), f"job {job_pk}  {model}  lung outline", fill=LUNG_RGB)
-    width = draw.textlength(f"job {job_pk}  {model}  lung outline ")
-    draw.text((6 + width, 4), "infiltrate outline", fill=INFILTRATE_RGB)
+    try:
+        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow without FreeType
+        font = ImageFont.load_default()
+    head = f"job {job_pk}  {model}   "
+    draw.text((6, 4), head, fill=(230, 230, 230), font=font)
+    x = 6 + draw.textlength(head, font=font)
+    draw.text((x, 4), "lung outline   ", fill=LUNG_RGB, font=font)
+    x += draw.textlength("lung outline   ", font=font)
+    draw.text((x, 4), "infiltrate outline", fill=INFILTRATE_RGB, font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()

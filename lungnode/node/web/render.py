@@ -26,7 +26,8 @@ overflow-x:auto;font-size:.85em} form{display:inline-block;margin:0 .5em .5em 0}
 
 STATE_CLASS = {"done": "ok", "sent": "ok", "include": "ok", "held": "warn", "pending": "warn",
                "queued": "warn", "running": "warn", "shadow": "muted", "failed": "bad", "dead": "bad",
-               "exclude": "muted", "superseded": "muted", "cancelled": "muted"}
+               "exclude": "muted", "superseded": "muted", "cancelled": "muted",
+               "acknowledged": "ok", "recorded (shadow)": "muted"}
 
 
 def esc(value: Any) -> str:

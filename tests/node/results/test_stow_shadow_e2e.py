@@ -95,6 +95,10 @@ def test_stow_rs_shadow_label_and_webhooks(tmp_path: Path, chest_ct_dir: Path) -
                 with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=30) as resp:
                     overview = resp.read().decode()
                 assert f"dimse PACS@127.0.0.1:{shadow_pacs.port}" in overview  # would have gone there
+                with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/jobs/1", timeout=30) as resp:
+                    job_page = resp.read().decode()
+                assert job_page.count('"ok">acknowledged<') == 2  # SEG + SR at cloud, per object
+                assert job_page.count(">recorded (shadow)<") == 2
         assert shadow_pacs.received == [] and shadow_pacs.proposed == set()
         ids = orthanc.wait_for_instances(2)
         descriptions = sorted(orthanc.instance_tags(i)["SeriesDescription"] for i in ids)
