@@ -61,3 +61,16 @@ def test_config_after_nested_subcommand_and_bad_file(tmp_path: Path) -> None:
                          timeout=120)
     assert bad.returncode == 2
     assert "missing.toml" in bad.stderr
+
+
+def test_check_config_names_shadow_destinations_and_the_pages(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\nroot = "{tmp_path}"\n[metrics]\nport = 9333\n'
+                   '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nmode = "shadow"\n'
+                   '[[notifications]]\nname = "hook"\nurl = "http://127.0.0.1:1/x"\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "1 destination(s)" in out and "1 notification(s)" in out
+    assert "shadow mode (nothing is sent): pacs" in out
+    assert "status pages: http://127.0.0.1:9333/" in out
