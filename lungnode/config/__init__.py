@@ -23,7 +23,6 @@ Sections
 """
 
 from lungnode.config.dispatch import (
-    CT_IMAGE_STORAGE,
     CompletionConfig,
     InferenceConfig,
     JobsConfig,
@@ -37,9 +36,8 @@ from lungnode.config.typed_toml import ConfigError
 from lungnode.config.web import NOTIFICATION_EVENTS, NotificationConfig, WebConfig
 
 __all__ = [
-    "CT_IMAGE_STORAGE", "ENV_CONFIG", "NOTIFICATION_EVENTS", "CompletionConfig", "Config", "ConfigError",
-    "DeliveryConfig", "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig",
-    "MetricsConfig", "NodeConfig", "NotificationConfig", "PeerConfig", "QualityGateConfig",
-    "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig",
-    "config_path", "load_config", "parse_config",
+    "ENV_CONFIG", "NOTIFICATION_EVENTS", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
+    "NotificationConfig", "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig",
+    "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig", "config_path", "load_config", "parse_config",
 ]

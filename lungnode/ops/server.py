@@ -16,7 +16,7 @@ Everything else (``/``, ``/series/…``, ``/jobs/…``)
     Handed to the :class:`PageHandler` given as ``web`` (``lungnode run`` gives the status pages
     of :mod:`lungnode.node.web` when ``[web] enabled``); without one, 404.
 
-:func:`make_service` is the ``SERVICE_FACTORIES`` entry for ``lungnode run``.
+:func:`make_service` is the ``DEFAULT_SERVICES`` entry for ``lungnode run``.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class MetricsService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> MetricsService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: the endpoint with every node check.
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the endpoint with every node check.
 
     Parameters
     ----------

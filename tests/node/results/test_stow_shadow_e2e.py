@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from orthanc import OrthancServer
 from sqlalchemy import select
 
 from lungnode.storage.db import Database
@@ -28,6 +27,7 @@ from lungnode.storage.models import AuditEvent, Delivery
 from tests.node_process import LungnodeProcess, free_port
 from tests.ops.test_metrics_e2e import FakePacs
 from tests.ops.webhook_listener import webhook_listener
+from tests.orthanc import OrthancServer
 
 
 @pytest.mark.slow

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc import OrthancServer
 
 from lungnode.inference.types import InferenceResult
 from lungnode.node.results.stowrs import check_stow, multipart_body, parse_answer, stow_items
 from tests.ops.webhook_listener import webhook_listener
+from tests.orthanc import OrthancServer
 
 
 @dataclass
