@@ -14,9 +14,11 @@ Sections
 ``[jobs]``           Job leases, retries, local workers.
 ``[inference]``      Model bundle, device, sliding window.
 ``[results]``        Output series numbering, quality gate.
-``[[destinations]]`` Where results are sent.
+``[[destinations]]`` Where results are sent (DICOM C-STORE or DICOMweb STOW-RS; or shadow).
 ``[delivery]``       Send retries.
 ``[metrics]``        Prometheus and health endpoint.
+``[web]``            Status web pages beside ``/metrics``.
+``[[notifications]]`` Webhooks and HL7 messages about job and delivery events.
 ``[retention]``      Cleanup of old data.
 """
 
@@ -31,10 +33,11 @@ from lungnode.config.node import NodeConfig, PeerConfig, StorageConfig, TlsConfi
 from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
 from lungnode.config.results import DeliveryConfig, DestinationConfig, QualityGateConfig, ResultsConfig
 from lungnode.config.typed_toml import ConfigError
+from lungnode.config.web import NOTIFICATION_EVENTS, NotificationConfig, WebConfig
 
 __all__ = [
-    "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "ENV_CONFIG", "NOTIFICATION_EVENTS", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
     "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
-    "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig",
-    "TlsConfig", "config_path", "load_config", "parse_config",
+    "NotificationConfig", "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig",
+    "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig", "config_path", "load_config", "parse_config",
 ]

@@ -18,6 +18,7 @@ from lungnode.config.node import NodeConfig, StorageConfig
 from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
 from lungnode.config.results import DeliveryConfig, DestinationConfig, ResultsConfig
 from lungnode.config.typed_toml import ConfigError, build_dataclass
+from lungnode.config.web import NotificationConfig, WebConfig
 
 ENV_CONFIG = "LUNGNODE_CONFIG"
 
@@ -59,6 +60,8 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    notifications: tuple[NotificationConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this was read from (None: embedded defaults).
@@ -76,6 +79,9 @@ class Config:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ConfigError("destinations", names, "unique destination names")
+        names = [n.name for n in self.notifications]
+        if len(names) != len(set(names)):
+            raise ConfigError("notifications", names, "unique notification names")
 
     def destination(self, name: str) -> DestinationConfig:
         """Return the destination called ``name`` (KeyError if none)."""

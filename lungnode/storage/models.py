@@ -15,6 +15,8 @@ Tables
     One row per (job, destination): sent exactly once, with retries.
 ``audit_events``
     Append-only audit trail.
+``notifications``, ``notification_cursor``
+    Webhook notifications made from audit events, and how far the audit trail has been read.
 
 Patient name and ID are stored (they are needed to answer the PACS) but never logged at INFO.
 """
@@ -296,3 +298,46 @@ class HealthProbe(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Notification(Base):
+    """One event to tell one ``[[notifications]]`` receiver, sent at least once.
+
+    Made from an audit event (``job_done``, ``job_held``, ``job_failed``, ``delivered``,
+    ``delivery_dead``) by the notification service; unique per (audit event, receiver).
+    States: ``pending`` → ``sent`` | ``dead`` (retries exhausted).
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("audit_event_id", "notification"),
+                      Index("ix_notifications_due", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The receiver's name in ``[[notifications]]``.
+    notification: Mapped[str] = mapped_column(String(64))
+    #: ``done``, ``held``, ``failed``, ``delivered`` or ``dead_letter``.
+    event: Mapped[str] = mapped_column(String(16))
+    audit_event_id: Mapped[int] = mapped_column(Integer)
+    job_pk: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    #: The JSON body as sent (the same bytes on every attempt).
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    #: HTTP status of the last answer (None: no answer).
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class NotificationCursor(Base):
+    """How far the notification service has read the audit trail (one row, id 1)."""
+
+    __tablename__ = "notification_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_audit_id: Mapped[int] = mapped_column(Integer, default=0)
