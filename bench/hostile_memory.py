@@ -12,7 +12,7 @@ Two fresh nodes, each measured by its peak RSS (``VmHWM`` of the node process) b
 
 Usage::
 
-    .venv/bin/python bench/hostile_memory.py [--parallel 16]
+    .venv/bin/python -m bench.hostile_memory [--parallel 16]
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import time
 import zlib
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import generate_uid
+
+from tests.node_process import LungnodeProcess
+from tools.fuzzing.cases import Fuzzer
+from tools.fuzzing.wire import CX_CT_DEFLATED, CX_CT_EXPLICIT, encode
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-import pydicom  # noqa: E402
-from fuzzing.cases import Fuzzer  # noqa: E402
-from fuzzing.wire import CX_CT_DEFLATED, CX_CT_EXPLICIT, encode  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-
-from tests.node_process import LungnodeProcess  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "ct" / "chest-30-slices-uncompressed"
 

@@ -31,7 +31,7 @@ machine) every stored file is read back with pydicom (and DCMTK ``dcmdump`` when
 
 Example::
 
-    python tools/fuzz_node.py --host 127.0.0.1 --port 11112 --cases 2000 --seed 1 \\
+    .venv/bin/python -m tools.fuzz_node --host 127.0.0.1 --port 11112 --cases 2000 --seed 1 \\
         --calling-ae PACS --sample /path/to/ct-slice.dcm
 """
 
@@ -50,8 +50,7 @@ from pathlib import Path
 
 import pydicom
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fuzzing.cases import FAMILIES, Case, Fuzzer
+from tools.fuzzing.cases import FAMILIES, Case, Fuzzer
 
 __all__ = ["FAMILIES", "Case", "Fuzzer", "Results", "check_store", "format_table", "run_campaign"]
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from fuzzing.wire import (
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tools.fuzzing.wire import (
     CT,
     CX_CT_DEFLATED,
     CX_CT_EXPLICIT,
@@ -29,6 +32,7 @@ from fuzzing.wire import (
     associate_rq,
     command_set,
     describe,
+    drop_transfer_syntaxes,
     echo_rq,
     encode,
     p_data,
@@ -37,8 +41,6 @@ from fuzzing.wire import (
     raw_element,
     store_rq,
 )
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 FAMILIES = ("pdu", "command", "dataset", "pixels", "huge", "trickle")
 
@@ -171,7 +173,7 @@ class Fuzzer:
             data[where] = b" " * 16 if kind != "non-ascii-ae" else b"PEER\xe9\xe9".ljust(16)
             message = bytes(data)
         elif kind == "no-ts-item":
-            message = _drop_transfer_syntaxes(good)
+            message = drop_transfer_syntaxes(good)
         elif kind == "unknown-type":
             message = struct.pack(">BxI", rng.choice([0x00, 0x08, 0x09, 0x7F, 0xFF]), 4) + b"\0" * 4
         elif kind == "release-first":
@@ -391,18 +393,6 @@ class Fuzzer:
             peer.close()
         return outcomes, echo
 
-
-
-def _drop_transfer_syntaxes(rq: bytes) -> bytes:
-    """The A-ASSOCIATE-RQ with the transfer syntax items of its first presentation context removed."""
-    i = rq.index(b"\x20\x00", 74)
-    (length,) = struct.unpack_from(">H", rq, i + 2)
-    context = rq[i + 4:i + 4 + length]
-    (abstract_len,) = struct.unpack_from(">H", context, 6)
-    body = context[:8 + abstract_len]
-    new = b"\x20\x00" + struct.pack(">H", len(body)) + body
-    out = rq[:i] + new + rq[i + 4 + length:]
-    return out[:2] + struct.pack(">I", len(out) - 6) + out[6:]
 
 
 def _element_offsets(data: bytes, implicit: bool) -> list[int]:

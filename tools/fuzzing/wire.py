@@ -16,7 +16,11 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    MaximumLengthNotification,
+)
 from pynetdicom.presentation import build_context
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -31,8 +35,8 @@ CX_ECHO, CX_CT_EXPLICIT, CX_CT_IMPLICIT, CX_CT_DEFLATED, CX_CT_JPEGLS = 1, 3, 5,
 
 
 def associate_rq(calling: str, called: str, contexts: Iterable[tuple[int, str, list[str]]],
-                 max_pdu: int = 65536) -> bytes:
-    """An A-ASSOCIATE-RQ encoded by pynetdicom."""
+                 max_pdu: int = 65536, *, window: bool = False) -> bytes:
+    """An A-ASSOCIATE-RQ encoded by pynetdicom (``window``: ask for 5 operations each way)."""
     rq = A_ASSOCIATE()
     rq.application_context_name = APPLICATION_CONTEXT
     rq.calling_ae_title, rq.called_ae_title = calling, called
@@ -44,10 +48,28 @@ def associate_rq(calling: str, called: str, contexts: Iterable[tuple[int, str, l
     rq.presentation_context_definition_list = items
     item = MaximumLengthNotification()
     item.maximum_length_received = max_pdu
-    rq.user_information = [item]
+    user: list[object] = [item]
+    if window:
+        async_ops = AsynchronousOperationsWindowNegotiation()
+        async_ops.maximum_number_operations_invoked = 5
+        async_ops.maximum_number_operations_performed = 5
+        user.append(async_ops)
+    rq.user_information = user  # type: ignore[assignment]
     out = A_ASSOCIATE_RQ()
     out.from_primitive(rq)
     return bytes(out.encode())
+
+
+def drop_transfer_syntaxes(rq: bytes) -> bytes:
+    """The A-ASSOCIATE-RQ with the transfer syntax items of its first presentation context removed."""
+    i = rq.index(b"\x20\x00", 74)
+    (length,) = struct.unpack_from(">H", rq, i + 2)
+    context = rq[i + 4:i + 4 + length]
+    (abstract_len,) = struct.unpack_from(">H", context, 6)
+    body = context[:8 + abstract_len]
+    new = b"\x20\x00" + struct.pack(">H", len(body)) + body
+    out = rq[:i] + new + rq[i + 4 + length:]
+    return out[:2] + struct.pack(">I", len(out) - 6) + out[6:]
 
 
 STANDARD_CONTEXTS = [(CX_ECHO, VERIFICATION, [IMPLICIT]), (CX_CT_EXPLICIT, CT, [EXPLICIT]),
@@ -87,6 +109,7 @@ def raw_element(element: int, value: bytes) -> bytes:
 
 
 def raw_command(*elements: bytes) -> bytes:
+    """A command set of raw elements, its group length first."""
     body = b"".join(elements)
     return raw_element(0x0000, struct.pack("<I", len(body))) + body
 
@@ -102,10 +125,29 @@ def echo_rq(sop_class: str = VERIFICATION) -> bytes:
 
 
 def encode(ds: Dataset, *, implicit: bool) -> bytes:
+    """``ds`` encoded little endian, implicit or explicit VR, without preamble or file meta."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, implicit
     write_dataset(fp, ds)
     return bytes(fp.getvalue())
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (``EOFError`` when it closes first)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """The next whole PDU (type, header and body); ``EOFError`` when the connection closes."""
+    header = recv_exactly(sock, 6)
+    pdu_type, length = struct.unpack(">BxI", header)
+    return pdu_type, header + recv_exactly(sock, length)
 
 
 class Peer:
@@ -126,22 +168,13 @@ class Peer:
     def read_pdu(self) -> tuple[int, bytes] | None:
         """The next PDU (type, body); None when the connection closed or timed out first."""
         try:
-            header = self._recv(6)
+            header = recv_exactly(self.sock, 6)
             pdu_type, length = struct.unpack(">BxI", header)
             if length > 1 << 24:
                 return pdu_type, b""
-            return pdu_type, header + self._recv(length)
+            return pdu_type, header + recv_exactly(self.sock, length)
         except (OSError, EOFError):
             return None
-
-    def _recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
 
     def associate(self, calling: str, called: str,
                   contexts: list[tuple[int, str, list[str]]] = STANDARD_CONTEXTS) -> dict[int, str]:

@@ -11,17 +11,11 @@ file, and stay under 500 MB of peak resident memory (``VmHWM``) through it all.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.node_process import LungnodeProcess, stored_files
-
-TOOLS = Path(__file__).resolve().parents[3] / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import fuzz_node  # noqa: E402
+from tools import fuzz_node
 
 SEED = 20
 CASES = 400

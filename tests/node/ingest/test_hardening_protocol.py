@@ -32,21 +32,21 @@ from lungnode.config import load_config
 from lungnode.node.dimse import pdu
 from lungnode.node.ingest.listener import ListenerWorker
 from lungnode.uids import is_valid_uid
-from tests.node.dimse.test_acceptor import (
+from tests.node.dimse.test_acceptor import Running, associate_rq, echo, open_association
+from tests.node_process import LungnodeProcess
+from tools.fuzzing.wire import (
     CT,
+    DEFLATED,
     EXPLICIT,
     IMPLICIT,
-    Running,
-    associate_rq,
     command_set,
-    echo,
-    open_association,
+    drop_transfer_syntaxes,
+    encode,
     p_data,
+    raw_command,
+    raw_element,
     read_pdu,
 )
-from tests.node_process import LungnodeProcess
-
-DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @pytest.fixture
@@ -71,15 +71,6 @@ def _answer(sock: socket.socket) -> int | str:
     return {3: "RJ", 6: "RP", 7: "ABORT"}.get(pdu_type, f"PDU {pdu_type}")
 
 
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0, element, len(value)) + value
-
-
-def _raw_command(*elements: bytes) -> bytes:
-    body = b"".join(elements)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
 def test_uid_grammar_refuses_a_trailing_newline() -> None:
     assert is_valid_uid("1.2.3") and not is_valid_uid("1.2.3\n") and not is_valid_uid("1.2.3\n4")
 
@@ -87,17 +78,17 @@ def test_uid_grammar_refuses_a_trailing_newline() -> None:
 def test_non_ascii_uids_get_a_status_and_the_association_goes_on(running: Running) -> None:
     sock, _ac = open_association(running.port, [(1, Verification, [IMPLICIT]), (3, CT, [EXPLICIT])])
     # A C-ECHO whose Affected SOP Class UID holds a non-ASCII byte: refused, not a dead thread.
-    sock.sendall(p_data(1, _raw_command(_element(0x0002, b"1.2.840.10008.1.1\xe9"),
-                                        _element(0x0100, struct.pack("<H", 0x0030)),
-                                        _element(0x0110, struct.pack("<H", 5)),
-                                        _element(0x0800, struct.pack("<H", 0x0101))), command=True))
+    sock.sendall(p_data(1, raw_command(raw_element(0x0002, b"1.2.840.10008.1.1\xe9"),
+                                        raw_element(0x0100, struct.pack("<H", 0x0030)),
+                                        raw_element(0x0110, struct.pack("<H", 5)),
+                                        raw_element(0x0800, struct.pack("<H", 0x0101))), command=True))
     assert _answer(sock) == 0x0122
     # A C-STORE whose Affected SOP Instance UID holds one: 0xA900, the data set is dropped.
-    sock.sendall(p_data(3, _raw_command(_element(0x0002, CT.encode() + b"\0"),
-                                        _element(0x0100, struct.pack("<H", 1)),
-                                        _element(0x0110, struct.pack("<H", 6)),
-                                        _element(0x0800, struct.pack("<H", 0)),
-                                        _element(0x1000, b"1.2.3.\xe94")), command=True))
+    sock.sendall(p_data(3, raw_command(raw_element(0x0002, CT.encode() + b"\0"),
+                                        raw_element(0x0100, struct.pack("<H", 1)),
+                                        raw_element(0x0110, struct.pack("<H", 6)),
+                                        raw_element(0x0800, struct.pack("<H", 0)),
+                                        raw_element(0x1000, b"1.2.3.\xe94")), command=True))
     sock.sendall(p_data(3, b"\x08\x00\x18\x00UI\x06\x001.2.34", command=False))
     assert _answer(sock) == 0xA900
     # The same association still serves a proper C-ECHO.
@@ -121,22 +112,12 @@ def test_c_echo_is_answered_on_the_verification_context_only(running: Running) -
     sock.close()
 
 
-def _without_transfer_syntax(rq: bytes) -> bytes:
-    i = rq.index(b"\x20\x00", 74)
-    (length,) = struct.unpack_from(">H", rq, i + 2)
-    context = rq[i + 4:i + 4 + length]
-    (abstract_len,) = struct.unpack_from(">H", context, 6)
-    body = context[:8 + abstract_len]
-    out = rq[:i] + b"\x20\x00" + struct.pack(">H", len(body)) + body + rq[i + 4 + length:]
-    return out[:2] + struct.pack(">I", len(out) - 6) + out[6:]
-
-
 @pytest.mark.parametrize("case", ["no-transfer-syntax", "empty-calling", "empty-called",
                                   "non-ascii-calling"])
 def test_malformed_association_requests_get_an_answer(running: Running, case: str) -> None:
     rq = bytearray(associate_rq([(1, CT, [EXPLICIT])]))
     if case == "no-transfer-syntax":
-        rq = bytearray(_without_transfer_syntax(bytes(rq)))
+        rq = bytearray(drop_transfer_syntaxes(bytes(rq)))
     elif case == "empty-calling":
         rq[26:42] = b" " * 16
     elif case == "empty-called":
@@ -189,16 +170,6 @@ def _store(port: int, context: tuple[int, str, list[str]], instance: str, body: 
         sock.close()
 
 
-def _encoded(ds: pydicom.Dataset) -> bytes:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return bytes(fp.getvalue())
-
-
 def _limited(root: Path, max_dataset_mb: int) -> Running:
     """A :class:`Running` node whose ``[storage] max_dataset_mb`` is ``max_dataset_mb``."""
     node = Running(root)
@@ -220,19 +191,20 @@ def test_data_set_size_limit_and_deflate_bomb(tmp_path: Path, chest_ct_dir: Path
         big.SOPInstanceUID = generate_uid()
         big.PixelData = bytes(base.PixelData) * 6  # 3 MiB
         big.Rows = int(base.Rows) * 6
-        assert _store(running.port, (1, CT, [EXPLICIT]), big.SOPInstanceUID, _encoded(big)) == 0xA700
+        body = encode(big, implicit=False)
+        assert _store(running.port, (1, CT, [EXPLICIT]), big.SOPInstanceUID, body) == 0xA700
         bomb = copy.deepcopy(base)
         bomb.SOPInstanceUID = generate_uid()
         bomb.PixelData = b"\0" * (32 << 20)
         bomb.Rows = bomb.Columns = 4096
         packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-        deflated = packer.compress(_encoded(bomb)) + packer.flush()
+        deflated = packer.compress(encode(bomb, implicit=False)) + packer.flush()
         assert len(deflated) < 100_000
         assert _store(running.port, (1, CT, [DEFLATED]), bomb.SOPInstanceUID, deflated) == 0xA700
         small = copy.deepcopy(base)  # within the limit: stored
         small.SOPInstanceUID = generate_uid()
         packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-        deflated = packer.compress(_encoded(small)) + packer.flush()
+        deflated = packer.compress(encode(small, implicit=False)) + packer.flush()
         assert _store(running.port, (1, CT, [DEFLATED]), small.SOPInstanceUID, deflated) == 0
         assert running.instances() == 1 and running.temp_files() == []
         assert echo(running.port) == 0
