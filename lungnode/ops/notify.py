@@ -37,19 +37,20 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from lungnode.config import Config, NotificationConfig
 from lungnode.ops import hl7
+from lungnode.ops.polling import PollingService
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.storage.lease import lease_free, take_lease
 from lungnode.storage.models import (
     AuditEvent,
     Job,
@@ -58,6 +59,7 @@ from lungnode.storage.models import (
     Patient,
     Series,
     Study,
+    aware,
     utcnow,
 )
 
@@ -90,12 +92,6 @@ def page_url(config: Config, job_pk: int | None) -> str:
     return f"{base.rstrip('/')}/jobs/{int(job_pk)}"
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
 def build_payload(s: Session, config: Config, event: AuditEvent,
                   receiver: NotificationConfig) -> dict[str, Any]:
     """The JSON body for one audit event and one receiver."""
@@ -109,7 +105,7 @@ def build_payload(s: Session, config: Config, event: AuditEvent,
     details = event.details or {}
     body: dict[str, Any] = {
         "event": EVENT_MAP[event.event],
-        "at": (_aware(event.at) or utcnow()).isoformat(),
+        "at": (aware(event.at) or utcnow()).isoformat(),
         "node": config.node.ae_title,
         "job": ({"id": job.id, "state": job.state, "reason": job.reason, "attempts": job.attempts,
                  "url": page_url(config, job.id)} if job else None),
@@ -192,19 +188,12 @@ class NotificationSender:
     def claim(self) -> int | None:
         """Lease one due pending row; return its id or ``None``."""
         now = utcnow()
-        free = or_(Notification.lease_expires_at.is_(None), Notification.lease_expires_at < now)
         with self.db.session() as s:
             ids = list(s.scalars(select(Notification.id).where(
-                Notification.state == "pending", Notification.next_attempt_at <= now, free)
-                .order_by(Notification.next_attempt_at).limit(8)))
-        for candidate in ids:
-            with self.db.session() as s:
-                res = s.execute(update(Notification).where(
-                    Notification.id == candidate, Notification.state == "pending", free).values(
-                    lease_owner=self.owner, lease_expires_at=now + dt.timedelta(seconds=LEASE_S)))
-                if getattr(res, "rowcount", 0) == 1:
-                    return candidate
-        return None
+                Notification.state == "pending", Notification.next_attempt_at <= now,
+                lease_free(Notification, now)).order_by(Notification.next_attempt_at).limit(8)))
+        return take_lease(self.db, Notification, ids, self.owner,
+                          now + dt.timedelta(seconds=LEASE_S), now)
 
     def send(self, notification_id: int) -> str:
         """Send one claimed row; return its new state."""
@@ -272,41 +261,14 @@ class NotificationSender:
         return made + 1
 
 
-class NotificationService:
+class NotificationService(PollingService):
     """Background thread of :class:`NotificationSender` (idle when no receiver is configured)."""
 
-    name = "notifications"
+    sender: NotificationSender
 
     def __init__(self, config: Config, db: Database) -> None:
-        self.sender = NotificationSender(config, db)
-        self.enabled = bool(config.notifications)
-        self.poll_s = config.delivery.poll_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the thread (nothing without ``[[notifications]]``)."""
-        if not self.enabled:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="notifications", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = self.sender.run_once()
-            except Exception:  # keep going; a lease expires and the row is tried again
-                log.exception("notification loop error")
-                handled = 0
-            if not handled:
-                self._stop.wait(self.poll_s)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current request."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().__init__("notifications", NotificationSender(config, db), config.delivery.poll_s,
+                         enabled=bool(config.notifications))
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> NotificationService:

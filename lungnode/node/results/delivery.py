@@ -41,19 +41,20 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lungnode.config import Config, DeliveryConfig, DestinationConfig
 from lungnode.node.dimse.scu import LeaseLostError, OutboundItem, SendResult, send_items
 from lungnode.node.results import stowrs
 from lungnode.ops import metrics
+from lungnode.ops.polling import PollingService
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.storage.lease import lease_free, take_lease
 from lungnode.storage.models import Delivery, Job, Output, aware, utcnow
 
 log = logging.getLogger(__name__)
@@ -180,24 +181,17 @@ class DeliverySender:
     def claim(self, delivery_id: int | None = None) -> int | None:
         """Claim one due delivery (or the given one, if pending); return its id or ``None``."""
         now = utcnow()
-        free = or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
         with self.db.session() as s:
             query = (select(Delivery.id).join(Job, Job.id == Delivery.job_pk)
-                     .where(Delivery.state == "pending", Job.state == "done", free))
+                     .where(Delivery.state == "pending", Job.state == "done",
+                            lease_free(Delivery, now)))
             if delivery_id is None:
                 query = query.where(Delivery.next_attempt_at <= now)
             else:
                 query = query.where(Delivery.id == delivery_id)
             candidates = list(s.scalars(query.order_by(Delivery.next_attempt_at).limit(8)))
-        for candidate in candidates:
-            with self.db.session() as s:
-                res = s.execute(update(Delivery).where(
-                    Delivery.id == candidate, Delivery.state == "pending", free).values(
-                    lease_owner=self.owner,
-                    lease_expires_at=now + dt.timedelta(seconds=self.cfg.lease_s)))
-                if getattr(res, "rowcount", 0) == 1:
-                    return candidate
-        return None
+        return take_lease(self.db, Delivery, candidates, self.owner,
+                          now + dt.timedelta(seconds=self.cfg.lease_s), now)
 
     def record_ack(self, delivery_id: int, sop_uid: str) -> None:
         """Commit that the peer stored ``sop_uid`` and renew the lease, before the next is sent.
@@ -323,41 +317,17 @@ class DeliverySender:
         return 1
 
 
-class DeliveryService:
+class DeliveryService(PollingService):
     """Background thread sending due deliveries (a :class:`lungnode.node.service.Service`)."""
 
-    name = "delivery"
+    sender: DeliverySender
 
     def __init__(self, config: Config, db: Database, store: FileStore,
                  sender: DeliverySender | None = None) -> None:
-        self.sender = sender or DeliverySender(config, db, store)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.poll_s = config.delivery.poll_s
-
-    def start(self) -> None:
-        """Start the sending thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = self.sender.run_once()
-            except Exception:  # keep the service alive; the lease expires and it is retried
-                log.exception("delivery loop error")
-                handled = 0
-            if not handled:
-                self._stop.wait(self.poll_s)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current delivery (its lease lets another process resume it)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().__init__("delivery", sender or DeliverySender(config, db, store),
+                         config.delivery.poll_s)
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> DeliveryService:
-    """Service factory for ``NodeApp`` (``lungnode.node.results.delivery:make_service``)."""
+    """Service factory for :class:`~lungnode.node.app.NodeApp`."""
     return DeliveryService(config, db, store)
