@@ -8,7 +8,8 @@ Source of events
     (``notification_cursor``). Rows are unique per (audit event, receiver), and each pass looks back
     :data:`LOOKBACK_IDS` ids behind the cursor, so an event whose id was taken before but committed
     after a later one (PostgreSQL sequences) is not missed. On its very first pass the service starts
-    at the end of the trail (no notifications for history).
+    at the end of the trail (no notifications for history): the cursor is set
+    :data:`LOOKBACK_IDS` past the last id, so the look-back never reaches back into the history.
 Sending
     Due rows are claimed with a lease (a conditional UPDATE, as deliveries are), POSTed with
     ``Content-Type: application/json``, ``X-Lungnode-Event``, ``X-Lungnode-Notification`` (the row
@@ -138,7 +139,9 @@ def fan_out(db: Database, config: Config) -> int:
         cursor = s.get(NotificationCursor, 1)
         top = int(s.scalar(select(func.max(AuditEvent.id))) or 0)
         if cursor is None:  # first start: no notifications for the history
-            s.add(NotificationCursor(id=1, last_audit_id=top))
+            # Each pass reads ids above last_audit_id - LOOKBACK_IDS; starting the cursor that far
+            # past the end keeps the look-back off the history (ids <= top) for good.
+            s.add(NotificationCursor(id=1, last_audit_id=top + LOOKBACK_IDS))
             return 0
         events = list(s.scalars(select(AuditEvent).where(
             AuditEvent.id > cursor.last_audit_id - LOOKBACK_IDS,

@@ -339,7 +339,11 @@ class Notification(LeasedSend, Base):
 
 
 class NotificationCursor(Base):
-    """How far the notification service has read the audit trail (one row, id 1)."""
+    """How far the notification service has read the audit trail (one row, id 1).
+
+    Each pass reads audit ids above ``last_audit_id - LOOKBACK_IDS`` (:mod:`lungnode.ops.notify`);
+    the first pass sets it that far past the end of the trail, so history is never notified.
+    """
 
     __tablename__ = "notification_cursor"
 

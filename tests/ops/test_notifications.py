@@ -23,7 +23,8 @@ SERIES, STUDY = "1.2.3.4.5", "1.2.3.4"
 
 def _setup(tmp_path: Path, url: str, delays: str = "[0.0, 0.0]",
            events: str = '["done", "held", "failed", "delivered", "dead_letter"]',
-           database_url: str = "") -> tuple[Config, Database]:
+           database_url: str = "", history: int = 0) -> tuple[Config, Database]:
+    """A receiver, one study with job 7, and ``history`` job_done events before the first pass."""
     secret = tmp_path / "hook.key"
     secret.write_text("shared-secret\n")
     config = parse_config(f"""
@@ -54,7 +55,9 @@ timeout_s = 5.0
                   model_version="1", state="done",
                   measurements={"both": {"percent_involved": 12.5, "lung_ml": 4000.0},
                                 "model": {"name": "m", "version": "1"}}))
-    assert fan_out(db, config) == 0  # first pass: starts at the end of the (empty) trail
+        for _ in range(history):
+            record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
+    assert fan_out(db, config) == 0  # first pass: starts at the end of the trail
     return config, db
 
 
@@ -86,6 +89,21 @@ def test_done_event_is_posted_signed_with_the_job_and_no_patient_data(
             row = s.scalars(select(Notification)).one()
             assert (row.state, row.response_status, row.attempts) == ("sent", 200, 0)
         assert fan_out(db, config) == 0  # the look-back does not make it twice
+
+
+def test_history_before_the_first_pass_is_never_notified(tmp_path: Path) -> None:
+    """The look-back behind the cursor (for ids committed out of order) must not reach events that
+    were already in the trail when notifications started."""
+    with webhook_listener() as hook:
+        config, db = _setup(tmp_path, hook.url, history=3)
+        assert fan_out(db, config) == 0
+        with db.session() as s:
+            record_event(s, "job_held", study_uid=STUDY, series_uid=SERIES, job_pk=7, reason="gate")
+        assert fan_out(db, config) == 1
+        assert fan_out(db, config) == 0
+        with db.session() as s:
+            assert [r.event for r in s.scalars(select(Notification))] == ["held"]
+        assert hook.requests == []
 
 
 def test_failed_answers_are_retried_then_sent_with_the_same_body(tmp_path: Path) -> None:
