@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lungnode.config.checks import check_ae, check_range
+from lungnode.config.checks import check_ae, check_ip, check_range
 from lungnode.config.typed_toml import ConfigError
 
 
@@ -98,10 +98,7 @@ class NodeConfig:
 
     def validate(self, key: str) -> None:
         check_ae(f"{key}.ae_title", self.ae_title)
-        try:
-            ipaddress.ip_address(self.bind)
-        except ValueError:
-            raise ConfigError(f"{key}.bind", self.bind, "an IP address") from None
+        check_ip(f"{key}.bind", self.bind)
         check_range(f"{key}.port", self.port, 1, 65535)
         check_range(f"{key}.max_associations", self.max_associations, 1, 1000)
         check_range(f"{key}.listener_processes", self.listener_processes, 1, 64)
