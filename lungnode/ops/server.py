@@ -16,7 +16,9 @@ Everything else (``/``, ``/series/…``, ``/jobs/…``)
     Handed to the :class:`PageHandler` given as ``web`` (``lungnode run`` gives the status pages
     of :mod:`lungnode.node.web` when ``[web] enabled``); without one, 404.
 
-:func:`make_service` is the ``DEFAULT_SERVICES`` entry for ``lungnode run``.
+:func:`make_service` builds the endpoint with every node check;
+:func:`lungnode.node.web.app.make_service` (the ``DEFAULT_SERVICES`` entry of ``lungnode run``)
+adds the status pages to it.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ class MetricsService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> MetricsService:
-    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the endpoint with every node check.
+    """The endpoint with every node check (``lungnode run`` adds the pages: :mod:`lungnode.node.web`).
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 :class:`WebPages` answers ``GET`` and ``POST`` requests for every path except ``/metrics`` and
 ``/healthz`` with a :class:`~lungnode.ops.server.Response`; the server only writes it out.
-:func:`make_service` is the ``SERVICE_FACTORIES`` entry of ``lungnode run``: the metrics endpoint
+:func:`make_service` is the ``DEFAULT_SERVICES`` entry of ``lungnode run``: the metrics endpoint
 with these pages.
 """
 
@@ -112,7 +112,7 @@ class WebPages:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> server.MetricsService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: ``/metrics``, ``/healthz`` and, with
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: ``/metrics``, ``/healthz`` and, with
     ``[web] enabled``, the status pages, on ``[metrics] bind:port``."""
     service = server.make_service(config, db, store)
     if config.web.enabled:
