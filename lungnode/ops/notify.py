@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from lungnode.config import Config, NotificationConfig
 from lungnode.ops import hl7
+from lungnode.ops.http import open_url
 from lungnode.ops.polling import PollingService
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
@@ -167,12 +167,13 @@ def fan_out(db: Database, config: Config) -> int:
 
 
 def post(receiver: NotificationConfig, body: bytes, headers: dict[str, str]) -> int:
-    """POST ``body`` to the receiver; return the HTTP status (raises ``OSError`` without an answer)."""
-    context = ssl.create_default_context(cafile=receiver.ca or None) \
-        if receiver.url.startswith("https://") else None
+    """POST ``body`` to the receiver; return the HTTP status (raises ``OSError`` without an answer).
+
+    Redirects are not followed (:mod:`lungnode.ops.http`): a 3xx is a failed attempt.
+    """
     request = urllib.request.Request(receiver.url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=receiver.timeout_s, context=context) as resp:
+        with open_url(request, receiver.timeout_s, receiver.ca) as resp:
             resp.read(65536)
             return int(resp.status)
     except urllib.error.HTTPError as exc:
