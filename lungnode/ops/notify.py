@@ -116,8 +116,7 @@ def build_payload(s: Session, config: Config, event: AuditEvent,
         "measurements": {k: measurements[k] for k in ("left", "right", "both",
                                                        "infiltrate_outside_lung_ml", "quality_gate")
                          if k in measurements},
-        "score": next((measurements[k] for k in ("score", "severity_score", "ct_severity_score")
-                       if k in measurements), None),
+        "score": job.score if job else None,
     }
     if found is not None:
         series, study, patient = found

@@ -231,6 +231,19 @@ class Job(Base):
     last_instance_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
                                                                  nullable=True)
 
+    #: Keys of ``measurements`` that may hold a severity score, in the order they are looked for.
+    SCORE_KEYS: ClassVar[tuple[str, ...]] = ("score", "severity_score", "ct_severity_score")
+
+    @property
+    def score(self) -> Any:
+        """The severity score stored with the measurements (its ``total`` when it is a dict), or
+        ``None``: the one reading of it for the pages and the notifications."""
+        for key in self.SCORE_KEYS:
+            if key in (self.measurements or {}):
+                value = (self.measurements or {})[key]
+                return value.get("total", value) if isinstance(value, dict) else value
+        return None
+
 
 class LeasedSend:
     """Columns of a row sent to someone under a lease, with retries (deliveries, notifications).

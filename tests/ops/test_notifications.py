@@ -142,6 +142,19 @@ def test_a_redirect_is_not_taken_for_delivery(tmp_path: Path) -> None:
             assert s.scalars(select(Notification)).one().state == "sent"
 
 
+def test_score_is_read_as_on_the_web_page(tmp_path: Path) -> None:
+    """A score stored as a dict (total and parts) is sent as its total, the figure the pages show."""
+    with webhook_listener() as hook:
+        config, db = _setup(tmp_path, hook.url)
+        with db.session() as s:
+            job = s.get(Job, 7)
+            assert job is not None
+            job.measurements = {**(job.measurements or {}), "severity_score": {"total": 7, "left": 3}}
+            record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
+        NotificationSender(config, db).run_once()
+        assert json.loads(hook.requests[0].body)["score"] == 7
+
+
 def test_unreachable_receiver_is_dead_after_the_last_retry(tmp_path: Path) -> None:
     with webhook_listener() as hook:
         url = hook.url
