@@ -28,6 +28,14 @@ def test_shipped_config_toml_is_valid_and_equals_defaults() -> None:
         ("[node]\nport = 'x'\n", "node.port", "an integer"),
         ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title", "AE title"),
         ("[node]\nbogus = 1\n", "node.bogus", "a known key"),
+        ("[node]\nbind = 'localhost'\n", "node.bind", "an IP address"),
+        ("[node]\nae_title = \"LUNGNODE\\n\"\n", "node.ae_title", "AE title"),
+        ("[[destinations]]\nname = \"pacs\\n\"\nae_title = 'P'\nhost = 'h'\n", "destinations[0].name",
+         "letters"),
+        ("[[notifications]]\nname = 'ris'\nkind = 'hl7'\nurl = \"mllp://ris:2575\\n\"\n",
+         "notifications[0].url", "mllp://HOST:PORT"),
+        ("[inference]\ndevice = \"cpu\\n\"\n", "inference.device", ""),
+        ("[metrics]\nbind = '0.0.0.300'\n", "metrics.bind", "an IP address"),
         ("[[node.peers]]\nae_title = 'PACS'\nhost = 'not-an-ip'\n", "node.peers[0].host", "CIDR"),
         ("[storage]\ndatabase_url = 'mysql://x'\n", "storage.database_url", "postgresql"),
         ("[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = 'h'\nobjects = ['pdf']\n",
@@ -53,3 +61,30 @@ def test_check_config_command_exits_2_on_bad_file(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "lungnode.cli", "--config", str(REPO / "config.toml"),
                          "check-config"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_deprecated_job_keys_still_work_and_warn_once(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from lungnode.config import load
+    from lungnode.node.dispatch.worker import Worker, run_pipeline
+    from tests.node.dispatch import dispatch_procs
+
+    assert load.warn_deprecated(load_config(REPO / "config.toml")) == []  # the shipped file is clean
+    load._warned.clear()
+    storage = f'[storage]\nroot = "{tmp_path}"\n'
+    old = storage + ('[jobs]\nprocessor = "lungnode.node.pipeline:process_job"\n'
+                     'engine_factory = "lungnode.node.pipeline:engine_from_config"\n')
+    custom = storage + f'[jobs]\nprocessor = "{dispatch_procs.__name__}:record"\n'
+    with caplog.at_level("WARNING", logger="lungnode.config.load"):
+        configs = [parse_config(old), parse_config(old), parse_config(custom)]
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warned) == 2  # once per key and process, not per load
+    assert any("jobs.processor" in m for m in warned) and any("jobs.engine_factory" in m for m in warned)
+    # The old built-in paths (modules that moved) still mean the built-in pipeline ...
+    worker = Worker(configs[0])
+    assert worker.processor is run_pipeline
+    worker.db.dispose()
+    # ... and another function is still imported and run.
+    worker = Worker(configs[2])
+    assert worker.processor is dispatch_procs.record
+    worker.db.dispose()

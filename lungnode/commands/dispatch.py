@@ -1,19 +1,22 @@
 """Dispatch subcommands: ``worker``, ``jobs``, ``retry``, ``reprocess``, ``explain``, ``rules dry-run``.
 
-These are thin wrappers over :mod:`lungnode.node.jobs`, :mod:`lungnode.node.worker` and
-:mod:`lungnode.node.rules`; they print UIDs, states and rule conditions, never patient data.
+These are thin wrappers over :mod:`lungnode.node.dispatch.jobs`, :mod:`lungnode.node.dispatch.worker` and
+:mod:`lungnode.node.dispatch.rules`; they print UIDs, states and rule conditions, never patient data.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from lungnode.config import Config
 from lungnode.storage.db import Database
+
+if TYPE_CHECKING:
+    from lungnode.node.dispatch.worker import EngineFactory, Processor
 
 EXIT_NOT_FOUND = 1
 
@@ -23,8 +26,18 @@ def _db(config: Config) -> Database:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
+    return worker_command(config)
+
+
+def worker_command(config: Config, processor: Processor | None = None,
+                   engine_factory: EngineFactory | None = None) -> int:
+    """``lungnode worker``: one worker in the foreground, with the metrics endpoint.
+
+    ``processor`` and ``engine_factory`` default to the pipeline and the configured engine; the
+    tests' launcher passes its own.
+    """
     from lungnode.logs import configure_logging
-    from lungnode.node.worker import resolve, run_worker
+    from lungnode.node.dispatch.worker import run_worker
 
     configure_logging(config, "worker %(process)d")
     from lungnode.ops import metrics
@@ -34,7 +47,6 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     folder = config.metrics.multiprocess_dir or os.environ.get(metrics.ENV_MULTIPROC, "")
     if config.metrics.enabled and folder:
         metrics.setup_multiprocess(folder, wipe=False)
-    processor = resolve(args.processor) if args.processor else None
     # Metrics: join this machine's shared folder (no wipe: a node may be running beside us) and
     # serve /metrics + /healthz unless the node on this machine already does (port taken).
     from lungnode.ops.metrics import setup_from_config
@@ -46,7 +58,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     endpoint = make_worker_service(config, endpoint_db, FileStore(config.storage.root_path, fsync=False))
     endpoint.start()
     try:
-        n = run_worker(config, processor)
+        n = run_worker(config, processor, engine_factory=engine_factory)
     finally:
         endpoint.stop()
         endpoint_db.dispose()
@@ -55,7 +67,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _jobs(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -75,7 +87,7 @@ def _jobs(args: argparse.Namespace, config: Config) -> int:
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -90,7 +102,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -105,35 +117,12 @@ def _reprocess(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _explain_lines(db: Database, config: Config, series_uid: str, verbose: bool) -> list[str] | None:
-    from lungnode.node.completion import OWN_OUTPUT_RULE
-    from lungnode.node.rules import Decision, decide, format_decision, format_features, load_features
-    from lungnode.storage.models import Series
-
-    with db.session() as s:
-        series = s.scalar(select(Series).where(Series.series_uid == series_uid))
-        if series is None:
-            return None
-        features = load_features(s, series)
-        state, stored = series.state, f"{series.decision or '-'} ({series.decision_rule or '-'})"
-    decision = (Decision("exclude", OWN_OUTPUT_RULE) if features.own_output
-                else decide(config.rules, features))
-    if not verbose:
-        return [f"{decision.action:<8} {decision.rule:<20} {state:<10} {features.slices:>5} "
-                f"{series_uid}"]
-    lines = [f"series {series_uid}: state {state}, stored decision {stored}"]
-    lines += ["features: " + line for line in format_features(features)]
-    if features.own_output:
-        lines.append(f"decision: exclude (rule: {OWN_OUTPUT_RULE}: made by lungnode, never dispatched)")
-    else:
-        lines += format_decision(decision)
-    return lines
-
-
 def _explain(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.node.dispatch.explain import explain_lines
+
     db = _db(config)
     try:
-        lines = _explain_lines(db, config, args.series_uid, verbose=True)
+        lines = explain_lines(db, config, args.series_uid, verbose=True)
     finally:
         db.dispose()
     if lines is None:
@@ -144,6 +133,7 @@ def _explain(args: argparse.Namespace, config: Config) -> int:
 
 
 def _dry_run(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.node.dispatch.explain import explain_lines
     from lungnode.storage.models import Series
 
     db = _db(config)
@@ -152,7 +142,7 @@ def _dry_run(args: argparse.Namespace, config: Config) -> int:
             uids = list(s.scalars(select(Series.series_uid).order_by(Series.id)).all())
         print(f"{'decision':<8} {'rule':<20} {'state':<10} {'slices':>5} series")
         for uid in uids:
-            print("\n".join(_explain_lines(db, config, uid, verbose=args.verbose) or []))
+            print("\n".join(explain_lines(db, config, uid, verbose=args.verbose) or []))
         print(f"{len(uids)} series")
     finally:
         db.dispose()
@@ -162,8 +152,6 @@ def _dry_run(args: argparse.Namespace, config: Config) -> int:
 def register(subparsers: Any) -> None:
     """Add this module's subcommands."""
     p = subparsers.add_parser("worker", help="run an inference worker (claims jobs from the database)")
-    p.add_argument("--processor", default="", metavar="MODULE:FUNC",
-                   help="override jobs.processor (testing)")
     p.set_defaults(func=_worker)
 
     p = subparsers.add_parser("jobs", help="list jobs and their states")

@@ -25,7 +25,8 @@ def _open(config: Config) -> tuple[Any, Any]:
 
 
 def _check_destination(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import SOP_NAMES, TS_NAMES, check_destination
+    from lungnode.node.dimse.scu import SOP_NAMES, TS_NAMES, check_destination
+    from lungnode.uids import COMPREHENSIVE_SR_STORAGE, SECONDARY_CAPTURE_STORAGE, SEGMENTATION_STORAGE
 
     try:
         dest = config.destination(args.name)
@@ -33,9 +34,17 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
         print(f"no destination named {args.name!r} (configured: "
               f"{', '.join(d.name for d in config.destinations) or 'none'})", file=sys.stderr)
         return EXIT_FAIL
+    shadow = " (shadow mode: results are recorded, never sent)" if dest.mode == "shadow" else ""
+    if dest.kind == "stow-rs":
+        from lungnode.node.results.stowrs import check_stow
+
+        stow = check_stow(dest, timeout=config.delivery.timeout_s)
+        print(f"destination {dest.name}: STOW-RS {dest.url} (auth {dest.auth}){shadow}")
+        print(f"  {'OK' if stow.ok else 'FAILED'}: {stow.detail}")
+        return 0 if stow.ok else EXIT_FAIL
     report = check_destination(dest, timeout=config.delivery.timeout_s)
     print(f"destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}"
-          f"{' (TLS)' if dest.tls.cert or dest.tls.ca else ''}")
+          f"{' (TLS)' if dest.tls.cert or dest.tls.ca else ''}{shadow}")
     if report.error:
         print(f"  FAILED: {report.error}")
         return EXIT_FAIL
@@ -44,8 +53,7 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
     for label, pairs in (("accepted", report.accepted), ("rejected", report.rejected)):
         for sop, ts in pairs:
             print(f"  {label:8s} {SOP_NAMES.get(sop, sop)} in {TS_NAMES.get(ts, ts)}")
-    needed = {"seg": "1.2.840.10008.5.1.4.1.1.66.4", "sr": "1.2.840.10008.5.1.4.1.1.88.33",
-              "sc": "1.2.840.10008.5.1.4.1.1.7"}
+    needed = {"seg": SEGMENTATION_STORAGE, "sr": COMPREHENSIVE_SR_STORAGE, "sc": SECONDARY_CAPTURE_STORAGE}
     accepted = {sop for sop, _ in report.accepted}
     missing = [obj for obj in dest.objects if needed[obj] not in accepted]
     if missing:
@@ -55,7 +63,7 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
 
 
 def _send_now(config: Config, db: Any, store: Any, job_pk: int, names: list[str]) -> int:
-    from lungnode.node.delivery import DeliverySender
+    from lungnode.node.results.delivery import DeliverySender
     from lungnode.storage.models import Delivery
 
     sender = DeliverySender(config, db, store)
@@ -70,7 +78,7 @@ def _send_now(config: Config, db: Any, store: Any, job_pk: int, names: list[str]
         else:  # a running node's delivery service took it first: wait for its outcome
             state = _wait_for_other_sender(db, delivery_id, 2 * config.delivery.timeout_s + 30)
             print(f"  {name}: {state} (by the running node)")
-        status = status if state == "sent" else EXIT_FAIL
+        status = status if state in ("sent", "shadow") else EXIT_FAIL
     return status
 
 
@@ -93,7 +101,7 @@ def _wait_for_other_sender(db: Any, delivery_id: int, timeout: float) -> str:
 
 
 def _resend(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import resend
+    from lungnode.node.results.delivery import resend
 
     db, store = _open(config)
     try:
@@ -106,7 +114,7 @@ def _resend(args: argparse.Namespace, config: Config) -> int:
 
 
 def _release(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import release
+    from lungnode.node.results.delivery import release
 
     db, store = _open(config)
     try:
@@ -122,8 +130,8 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
     from lungnode.inference.dicom_io import SeriesError
     from lungnode.inference.engine import infer_folder
     from lungnode.inference.geometry import GeometryError
-    from lungnode.node.pipeline import engine_from_config, output_context
-    from lungnode.node.quality import check_quality
+    from lungnode.node.dispatch.pipeline import engine_from_config, output_context
+    from lungnode.node.dispatch.quality import check_quality
     from lungnode.node.results.build import Profile, build_outputs
     from lungnode.node.results.seg import SegOptions
 
@@ -166,7 +174,8 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
 def register(subparsers: Any) -> None:
     """Add this module's subcommands."""
     p = subparsers.add_parser("check-destination",
-                              help="C-ECHO a destination and show which SEG/SR/SC contexts it accepts")
+                              help="C-ECHO a DICOM destination and show which SEG/SR/SC contexts it "
+                                   "accepts; ask a STOW-RS destination over QIDO-RS")
     p.add_argument("name", help="destination name from [[destinations]]")
     p.set_defaults(func=_check_destination)
     p = subparsers.add_parser("resend", help="send a job's stored results again (same UIDs)")

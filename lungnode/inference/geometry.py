@@ -1,11 +1,21 @@
 """Slice geometry validation: the one place that decides whether slices form a usable volume.
 
 This module owns every geometric rule a series must satisfy before it is turned into a volume:
-one orientation, one image size, no gantry tilt, no duplicate positions, no missing slices and a
-regular slice step. It works on plain tuples (positions, orientations, rows/columns, instance
-numbers) so that ``node/`` can call :func:`check_slice_geometry` on header-only data from its
-database without reading pixels, and ``inference/`` calls the same function before stacking
-pixels.
+one Frame of Reference, one orientation, one image size, no gantry tilt, no duplicate positions,
+no missing slices and a regular slice step. It works on plain tuples (positions, orientations,
+rows/columns, instance numbers) so that ``node/`` can call :func:`check_slice_geometry` on
+header-only data from its database without reading pixels, and ``inference/`` calls the same
+function before stacking pixels.
+
+Frame of Reference
+------------------
+Image Position and Orientation (Patient) are coordinates in the slice's Frame of Reference; slices
+of different Frames of Reference are in different coordinate systems, so nothing says how they
+lie relative to each other, and a Segmentation of the volume could name only one of them. A
+series whose slices carry more than one (non-empty) Frame of Reference UID is therefore rejected,
+even when the positions happen to line up (as in LIDC-IDRI-0314, where each slice has its own
+UID); the reason says so and names two slices that differ. Slices without the UID are not
+counted (the CT IOD requires it; the reader refuses what else is missing).
 
 Tolerances (all configurable through :class:`GeometryPolicy`)
 -------------------------------------------------------------
@@ -28,7 +38,9 @@ and the engine resamples using them, never assuming a constant step.
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +51,9 @@ __all__ = [
     "GeometryPolicy",
     "GeometryReport",
     "check_slice_geometry",
+    "median_slice_step_mm",
+    "slice_normal",
+    "tilt_from_axial_deg",
 ]
 
 
@@ -124,6 +139,7 @@ def check_slice_geometry(
     pixel_spacings: Sequence[Sequence[float]] | None = None,
     instance_numbers: Sequence[int | None] | None = None,
     policy: GeometryPolicy | None = None,
+    frames_of_reference: Sequence[str | None] | None = None,
 ) -> GeometryReport:
     """Validate the geometry of a stack of slices and return how to sort them.
 
@@ -142,6 +158,9 @@ def check_slice_geometry(
         InstanceNumber of each slice, used only to word error messages.
     policy:
         Tolerances; the defaults of :class:`GeometryPolicy` when omitted.
+    frames_of_reference:
+        Frame of Reference UID of each slice (None or empty when absent); ``None`` when unknown
+        (not checked).
 
     Returns
     -------
@@ -173,6 +192,10 @@ def check_slice_geometry(
             raise GeometryError(f"{labels[i]} has no valid Image Position (Patient)")
         if orientations[i] is None or len(orientations[i]) != 6:
             raise GeometryError(f"{labels[i]} has no valid Image Orientation (Patient)")
+
+    # --- frame of reference -------------------------------------------------------------------
+    if frames_of_reference is not None:
+        _check_one_frame_of_reference(frames_of_reference, labels)
 
     # --- image size ---------------------------------------------------------------------------
     distinct_sizes = sorted({(int(r), int(c)) for r, c in sizes})
@@ -290,6 +313,23 @@ def check_slice_geometry(
     )
 
 
+def _check_one_frame_of_reference(uids: Sequence[str | None], labels: Sequence[str]) -> None:
+    """Raise :class:`GeometryError` when the slices carry more than one Frame of Reference UID."""
+    first: dict[str, int] = {}
+    for i, uid in enumerate(uids):
+        key = str(uid or "").strip()
+        if key and key not in first:
+            first[key] = i
+    if len(first) > 1:
+        a, b = sorted(first.values())[:2]
+        raise GeometryError(
+            f"the slices belong to {len(first)} different Frames of Reference ({labels[a]} and "
+            f"{labels[b]} differ): their positions are not in one coordinate system, so they "
+            "cannot be stacked into one volume; the scanner or an anonymiser gave the slices "
+            "different Frame of Reference UIDs, and the series has to be re-exported with one"
+        )
+
+
 def _direction(
     row_dir: np.ndarray, col_dir: np.ndarray, normal: np.ndarray
 ) -> tuple[tuple[float, float, float], ...]:
@@ -303,3 +343,39 @@ def angle_between_deg(a: Sequence[float], b: Sequence[float]) -> float:
     va, vb = np.asarray(a, float), np.asarray(b, float)
     c = float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
     return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+# Tolerant measurements for describing a series that may not pass :func:`check_slice_geometry`
+# (selection rules describe every series, usable or not). Plain floats, no numpy.
+
+def slice_normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
+    """Unit slice normal (row direction x column direction) of an ImageOrientationPatient.
+
+    Returns ``None`` when ``orientation`` does not have six values or its vectors are parallel.
+    """
+    if len(orientation) != 6:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    length = math.sqrt(sum(v * v for v in n))
+    if length < 1e-6:
+        return None
+    return (n[0] / length, n[1] / length, n[2] / length)
+
+
+def tilt_from_axial_deg(normal: Sequence[float]) -> float:
+    """Angle in degrees between a unit slice normal and the patient z axis (0 = axial)."""
+    return math.degrees(math.acos(min(1.0, abs(normal[2]))))
+
+
+def median_slice_step_mm(positions: Sequence[Sequence[float] | None],
+                         normal: Sequence[float]) -> float | None:
+    """Median distance between consecutive slice positions along ``normal``.
+
+    Positions that are ``None`` or not 3 values are skipped, steps under 1 micrometre (duplicate
+    positions) ignored; ``None`` when no step remains.
+    """
+    along = sorted(sum(p * n for p, n in zip(pos, normal, strict=True))
+                   for pos in positions if pos is not None and len(pos) == 3)
+    steps = [b - a for a, b in itertools.pairwise(along) if b - a > 1e-3]
+    return float(statistics.median(steps)) if steps else None

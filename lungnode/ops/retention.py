@@ -41,9 +41,10 @@ from sqlalchemy.orm import Session
 
 from lungnode.config import Config
 from lungnode.ops import metrics
-from lungnode.ops.audit import record_event
+from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
-from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, utcnow
+from lungnode.storage.filestore import FileStore
+from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,6 @@ PROTECTING_JOB_STATES = ("queued", "running", "held")
 #: Seconds a file's mtime may lie after a unit's age before it counts as re-written.
 MTIME_SLACK_S = 120.0
 
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -128,14 +124,14 @@ def candidates(db: Database, root: Path) -> list[Unit]:
                                        .where(Series.state != "receiving")):
             if uid in protected:
                 continue
-            units.append(Unit("series", uid, _aware(last) or utcnow(), tuple(paths.get(pk, ())),
+            units.append(Unit("series", uid, aware(last) or utcnow(), tuple(paths.get(pk, ())),
                               sizes.get(pk, 0)))
         protected_jobs = _protected_jobs(s)
         outputs: dict[int, list[str]] = {}
         newest: dict[int, dt.datetime] = {}
 
         def _newer(job_pk: int, when: dt.datetime | None) -> None:
-            when = _aware(when)
+            when = aware(when)
             if when is not None and (job_pk not in newest or when > newest[job_pk]):
                 newest[job_pk] = when
 
@@ -155,6 +151,9 @@ def candidates(db: Database, root: Path) -> list[Unit]:
                 if job_pk in outputs:
                     _newer(job_pk, delivered)
         for job_pk, files in outputs.items():
+            picture = FileStore.picture_relpath(job_pk)  # the web page's picture, once drawn
+            if (root / picture).is_file():
+                files.append(picture)
             units.append(Unit("results", str(job_pk), newest.get(job_pk, utcnow()), tuple(files),
                               sum(_file_size(root, p) for p in files)))
     units.sort(key=lambda u: u.age_at)
@@ -205,7 +204,7 @@ def _delete_series_rows(s: Session, unit: Unit) -> bool:
     if series is None:
         return True
     if (series.state == "receiving" or unit.key in _protected_series(s)
-            or (_aware(series.last_received_at) or unit.age_at) > unit.age_at):
+            or (aware(series.last_received_at) or unit.age_at) > unit.age_at):
         return False
     study_pk = series.study_pk
     s.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -363,5 +362,5 @@ class RetentionService:
 
 
 def make_service(config: Config, db: Database, store: Any) -> RetentionService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: the scheduled cleanup."""
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the scheduled cleanup."""
     return RetentionService(config, db)

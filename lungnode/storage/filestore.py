@@ -5,6 +5,7 @@ Layout under the storage root::
     <root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm      received, version 1
     <root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.v2.dcm   a later different copy
     <root>/results/<job id>/<kind>-<SOPInstanceUID>.dcm                   our outputs
+    <root>/web/job-<job id>.png                                           a job's picture (web page)
     <root>/.tmp/                                                          in-flight writes
 
 Every UID is checked against the DICOM grammar before it becomes a path. A write goes to a temp
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from lungnode.uids import require_uid
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
 #: Alignment of ``O_DIRECT`` writes: file offsets, lengths and buffer addresses are multiples of
@@ -218,7 +219,7 @@ class FileStore:
         #: Whether :meth:`open_direct` writes with ``O_DIRECT`` (asked for, fsync on, supported).
         self.direct_io = bool(direct_io and fsync and supports_direct_io(self.tmp))
         if direct_io and fsync and not self.direct_io:
-            LOG.info("the storage root's filesystem does not take O_DIRECT: page-cache writes")
+            log.info("the storage root's filesystem does not take O_DIRECT: page-cache writes")
         self.staging = StagingPool()
 
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> str:
@@ -235,6 +236,11 @@ class FileStore:
         if kind not in ("seg", "sr", "sc"):
             raise ValueError(f"unknown output kind {kind!r}")
         return f"results/{int(job_id)}/{kind}-{sop}.dcm"
+
+    @staticmethod
+    def picture_relpath(job_id: int) -> str:
+        """Relative path of a job's picture on the status web page (deleted with its results)."""
+        return f"web/job-{int(job_id)}.png"
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored relative path."""

@@ -1,6 +1,7 @@
 """CT phantom generator: synthetic chest CT volumes with exact lung and infiltrate masks.
 
-This module owns the synthetic data used by the tests and to train the bundled demo model.
+This module owns the synthetic data used by the tests and to train the former demo model (the
+starting weights of the bundled lungnode-ct model).
 Anatomy is defined in millimetres, so a phantom can be drawn at any spacing:
 
 * body (skin/fat -100 HU, muscle ~40 HU) in air (-1000 HU), ribs as slanted hoops (300-800 HU),

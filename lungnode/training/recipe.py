@@ -2,7 +2,8 @@
 
 This module owns the recipe schema and its validation. The shipped recipes live beside it in
 ``lungnode/training/recipes/``: ``reference.toml`` (Bressem et al. 2021), ``native.toml`` (native
-spacing patches + the node's sliding-window inference) and ``demo.toml`` (the bundled demo model).
+spacing patches + the node's sliding-window inference), ``demo.toml`` (the former phantom-only demo model)
+and ``ct.toml`` (the bundled model lungnode-ct, real-anatomy cases).
 
 Sections
 --------
