@@ -11,7 +11,7 @@ and the whole-body CT:
 * **unmodified** series: :class:`~lungnode.inference.engine.InferenceEngine` ``run`` on the DICOM
   files (exactly what ``lungnode infer`` and the node run): lung volume, infiltrate mL and % of
   the lung, infiltrate predicted outside the lungs, the default quality gate
-  (:func:`lungnode.node.quality.check_quality` with ``QualityGateConfig()``), lung or infiltrate
+  (:func:`lungnode.node.dispatch.quality.check_quality` with ``QualityGateConfig()``), lung or infiltrate
   below the lung base (most caudal slice of the threshold lungs, 10 mm margin);
 * **painted** (``--painted N`` per patient): real MosMed lesion shapes of the *held-out* studies
   (0295-0304) painted on the source grid (:mod:`lungnode.training.painting`), then ``run_volume``:
@@ -41,7 +41,7 @@ from lungnode.inference.dicom_io import find_series_files, read_series  # noqa: 
 from lungnode.inference.engine import InferenceEngine  # noqa: E402
 from lungnode.inference.lungmask import superior_sign, threshold_lungs  # noqa: E402
 from lungnode.inference.types import InferenceResult, SeriesVolume  # noqa: E402
-from lungnode.node.quality import check_quality  # noqa: E402
+from lungnode.node.dispatch.quality import check_quality  # noqa: E402
 from lungnode.training.cases import default_lesion_bank  # noqa: E402
 from lungnode.training.metrics import dice_score, summarize, surface_dice  # noqa: E402
 from lungnode.training.montage import save_montage  # noqa: E402
