@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=default_real_root())
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="folder names to run (default: all)")
+    ap.add_argument("--no-paint", nargs="*", default=(), help="folder names run unmodified only")
     args = ap.parse_args()
     from lungnode.inference.engine import EngineOptions
 
@@ -129,7 +130,7 @@ def main() -> int:
         save_montage(args.out / f"{name}-unmodified.png", vol.hu, res.lung_labels, None,
                      res.infiltrate, title=f"{name} unmodified: infiltrate {row['infiltrate_pct']} % "
                      f"of {row['lung_ml']:.0f} mL lung, gate {row['gate']}", aspect=aspect)
-        if h.split != "eval" or args.painted <= 0:
+        if h.split != "eval" or args.painted <= 0 or name in args.no_paint:
             continue
         labels = threshold_lungs(vol).labels
         sup = superior_sign(vol)
