@@ -85,11 +85,19 @@ def _export_and_score(recipe: Any, checkpoint: Path, bundle: Path, heldout: int,
         metrics["heldout_phantoms"] = {**row, "protocol": "node inference path (fp16 bundle), "
                                        "phantoms with lesion shapes from held-out MosMed studies, "
                                        "Dice and NSD (1 mm lung, 3 mm infiltrate) per case, macro mean ± SD"}
-    train_data = {"recipe": recipe.name, "source": recipe.data.source,
-                  "phantom_train": recipe.data.phantom_train,
-                  "phantom_shape": list(recipe.data.phantom_shape),
-                  "lesion_shapes": "MosMedData masks (CC BY-NC-ND 3.0), studies split 80/20 "
-                                   "for train/held-out"}
+    train_data: dict[str, Any] = {"recipe": recipe.name, "source": recipe.data.source,
+                                  "lesion_shapes": "MosMedData masks (CC BY-NC-ND 3.0), studies split "
+                                                   "80/20 for train/held-out"}
+    if recipe.data.source == "real":
+        from lungnode.training.realcases import HOSTS
+
+        train_data.update(
+            hosts=[f"{h.folder} ({h.patient})" for h in HOSTS if h.split == "train"],
+            held_out_patients=sorted({h.patient for h in HOSTS if h.split == "eval"}),
+            painted_per_host=recipe.data.painted_per_host, init_bundle=recipe.train.init_bundle)
+    if recipe.data.source == "phantom" or recipe.data.phantom_train:
+        train_data.update(phantom_train=recipe.data.phantom_train,
+                          phantom_shape=list(recipe.data.phantom_shape))
     export_bundle(recipe, checkpoint, bundle, metrics=metrics, training_data=train_data)
     print(json.dumps(metrics, indent=1), flush=True)
 

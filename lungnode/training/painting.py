@@ -130,9 +130,15 @@ def placement_weights(
     return np.where(lung, w, 0.0).astype(np.float32)
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> F32:
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...],
+                  sigma: float | tuple[float, ...]) -> F32:
     f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     return (f / (f.std() + 1e-6)).astype(np.float32)
+
+
+def _mm(sigma_mm: float, spacing_mm: tuple[float, float, float]) -> tuple[float, ...]:
+    """A Gaussian sigma in mm as voxels per axis (textures look the same on any grid)."""
+    return tuple(max(0.3, sigma_mm / s) for s in spacing_mm)
 
 
 def _lesion_shape(lesion: Lesion, spacing_mm: tuple[float, float, float], rng: np.random.Generator,
@@ -159,24 +165,26 @@ def _lesion_shape(lesion: Lesion, spacing_mm: tuple[float, float, float], rng: n
         for ax in range(3):
             grid[ax] += amp[ax] * 0.5 * _smooth_field(rng, m.shape, sig[ax])
         m = ndimage.map_coordinates(m, grid, order=1, mode="constant")
-    if rng.random() < opt.irregular_fraction:
-        m = m + 0.35 * _smooth_field(rng, m.shape, 1.2) * (m > 0.05)
+    if rng.random() < opt.irregular_fraction:  # perturb the border band only, no holes inside
+        band = (m > 0.05) & (m < 0.95)
+        m = m + 0.35 * _smooth_field(rng, m.shape, _mm(2.5, spacing_mm)) * band
     return np.clip(m, 0.0, 1.0).astype(np.float32)
 
 
 def _appearance(
     hu: F32, alpha: F32, kind: str, rng: np.random.Generator, noise_sd: float, opt: PaintOptions,
+    spacing_mm: tuple[float, float, float],
 ) -> F32:
     """New HU inside a lesion box given the soft shape ``alpha``."""
     out = hu.copy()
     lo, hi = opt.ggo_hu
     if kind in ("ggo", "mixed", "crazy"):
         level = float(rng.uniform(lo, hi)) if kind != "crazy" else float(rng.uniform(-650, -400))
-        texture = 40.0 * _smooth_field(rng, hu.shape, 1.0)
+        texture = 40.0 * _smooth_field(rng, hu.shape, _mm(2.0, spacing_mm))
         raise_ = np.clip(level + texture - hu, 0.0, None) * float(rng.uniform(0.85, 1.0))
         out = out + alpha * raise_  # denser voxels (vessels) are not raised: they stay visible
         if kind == "crazy":
-            septa = np.abs(_smooth_field(rng, hu.shape, 1.3)) < 0.12
+            septa = np.abs(_smooth_field(rng, hu.shape, _mm(2.5, spacing_mm))) < 0.12
             out = out + alpha * septa * float(rng.uniform(100.0, 250.0))
     if kind in ("consolidation", "mixed"):
         core = alpha
@@ -233,7 +241,7 @@ def paint_lesions(
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     probs = np.asarray(opt.kind_weights, np.float64) / sum(opt.kind_weights)
     n = int(rng.integers(opt.lesions[0], opt.lesions[1] + 1))
-    blur = [0.3, 0.5, 0.5]
+    blur = _mm(0.8, spacing_mm)  # kernel-like blur of the painted change
     for i in range(n):
         side = sides[i % len(sides)] if i < len(sides) else int(rng.choice(sides))
         w = np.where(lung_labels == side, weights, 0.0).ravel()
@@ -251,7 +259,7 @@ def paint_lesions(
             continue
         kind = str(rng.choice(KINDS, p=probs))
         before = out[box]
-        after = _appearance(before, alpha.astype(np.float32), kind, rng, noise_sd, opt)
+        after = _appearance(before, alpha.astype(np.float32), kind, rng, noise_sd, opt, spacing_mm)
         delta = ndimage.gaussian_filter(after - before, blur)
         out[box] = before + delta * lung[box]
         label[box] |= region

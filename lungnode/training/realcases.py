@@ -196,7 +196,7 @@ def real_cases(
         if not folder.is_dir():
             log(f"host {folder} missing: skipped")
             continue
-        key = f"real|{h.folder}|{spacing_mm}|{painted_per_host}|{val_per_host}|{held_out_fraction}|v1"
+        key = f"real|{h.folder}|{spacing_mm}|{painted_per_host}|{val_per_host}|{held_out_fraction}|v2"
         index = cached(cache_dir, key)
         n_all = 1 + painted_per_host + (val_per_host if hi < 2 else 0)
         files = [index.with_name(f"{index.stem}-{i}.npz") for i in range(n_all)] if index else []
