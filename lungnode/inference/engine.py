@@ -27,6 +27,7 @@ from lungnode.inference.lungmask import (
     LungMaskOptions,
     ThresholdLungs,
     anatomical_lung_mask,
+    lung_base_cut,
     threshold_lungs,
 )
 from lungnode.inference.measurements import measure_volume
@@ -321,7 +322,11 @@ class InferenceEngine:
         t = time.perf_counter()
         per_slice_ml = (volume.slice_thickness_weights() * volume.spacing_mm[1]
                         * volume.spacing_mm[2] / 1000.0)
+        # infiltrate predicted outside the lungs (the quality gate's evidence of a lung mask that
+        # missed diseased lung) is counted within the chest only: below the lung base there is no
+        # lung to miss (abdominal predictions of a whole-body scan are dropped, not counted)
         outside = infiltrate & (lung_labels == 0)
+        lung_base_cut(outside, lung_labels > 0, volume, opt.lung_mask.base_margin_mm)
         outside_ml = float(outside.sum(axis=(1, 2)) @ per_slice_ml)
         del outside
         infiltrate &= lung_labels > 0

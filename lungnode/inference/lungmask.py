@@ -52,6 +52,7 @@ __all__ = [
     "LungMaskOptions",
     "ThresholdLungs",
     "anatomical_lung_mask",
+    "lung_base_cut",
     "patient_x_of_voxels",
     "split_left_right",
     "superior_sign",
