@@ -147,3 +147,40 @@ def test_assess_figures_per_zone_lung_and_total() -> None:
     assert rep.both.pho == pytest.approx(100 * r_u.high_opacity_ml / rep.both.lung_ml)
     assert rep.left.infiltrate_ml == 0 and rep.region_kind == "zones"
     assert [r.key for r in rep.regions] == [z.key for z in ZONES]
+
+
+def test_lobe_bundle_reports_five_lobes(tmp_path: Path, chest_ct_dir: Path) -> None:
+    """A small bundle declaring the lobe classes: the engine runs it, the lobe pass labels the
+    lungs and the report is on five lobes (Pan 0-25)."""
+    import torch
+
+    from lungnode.inference.checkpoint import BundleMetadata, save_bundle
+    from lungnode.inference.engine import InferenceEngine
+    from lungnode.inference.model import ModelConfig, build_model
+    from lungnode.inference.regions import LOBE_CLASSES
+    from lungnode.inference.report import ReportOptions, lobe_labels_for, severity_for
+
+    classes = ("background", "infiltrate", *LOBE_CLASSES)
+    cfg = ModelConfig(encoder="r3d_18", encoder_depth=2, in_channels=3, num_classes=len(classes),
+                      final_channels=4)
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "lobes.safetensors", build_model(cfg),
+                         BundleMetadata(name="tiny-lobes", version="0.0.1", model=cfg,
+                                        classes=classes, spacing_mm=(8.0, 6.0, 6.0),
+                                        patch_size=(32, 64, 64), weights_dtype="float16"))
+    engine = InferenceEngine(tmp_path / "lobes.safetensors", device="cpu")
+    files = sorted(p for p in chest_ct_dir.iterdir() if p.is_file())
+    result = engine.run(files)
+    lobes = lobe_labels_for(engine, result, ReportOptions())
+    assert lobes is not None and lobes.shape == result.lung_labels.shape
+    assert lobes.max() <= 5
+    rep = severity_for(result, ReportOptions(), lobes)
+    assert rep.region_kind == "lobes" and rep.rule == "model-lobes"
+    assert [r.key for r in rep.regions] == ["rul", "rml", "rll", "lul", "lll"]
+    assert rep.max_score == 25
+    assert rep.both.lung_ml == pytest.approx(result.measurements.both.lung_ml, rel=1e-6)
+    assert rep.both.infiltrate_ml == pytest.approx(result.measurements.both.infiltrate_ml, rel=1e-6)
+    assert rep.right.lung_ml == pytest.approx(result.measurements.right.lung_ml, rel=1e-6)
+    # zones are still available on request
+    assert lobe_labels_for(engine, result, ReportOptions(regions="zones")) is None
+    assert severity_for(result, ReportOptions(regions="thirds")).rule == "thirds"
