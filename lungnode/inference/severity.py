@@ -27,7 +27,7 @@ as reported (rounded to 0.01 %), so the score and the printed percentage always 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -145,6 +145,8 @@ class SeverityReport:
         The scoring scheme.
     pho_min_hu:
         The high-opacity threshold used.
+    labels, carina_index:
+        Region of every voxel and the carina slice (pictures of the regions).
     """
 
     regions: tuple[RegionStats, ...]
@@ -156,6 +158,10 @@ class SeverityReport:
     rule_text: str
     scheme: ScoreScheme
     pho_min_hu: float = PHO_MIN_HU
+    #: The region of every voxel (:attr:`RegionMap.labels`), for pictures of the regions.
+    labels: npt.NDArray[np.uint8] | None = field(default=None, compare=False, repr=False)
+    #: Slice index of the carina when the zones were placed by it.
+    carina_index: int | None = None
 
     @property
     def total_score(self) -> int:
@@ -231,5 +237,6 @@ def assess(volume: SeriesVolume, regions: RegionMap, infiltrate: npt.NDArray[np.
     left = _sum("left", "Left lung", "left", [s for s in stats if s.side == "left"])
     both = _sum("both", "Both lungs", "both", [right, left])
     return SeverityReport(tuple(stats), right, left, both, regions.kind, regions.rule,
-                          regions.rule_text, scheme, pho_min_hu)
+                          regions.rule_text, scheme, pho_min_hu, regions.labels,
+                          regions.carina_index)
 
