@@ -9,12 +9,13 @@ Each lung is split craniocaudally into an upper, a middle and a lower zone, the 
 of Ooi et al. 2004 (Radiology 230:836, SARS CT scoring: upper zone above the carina, middle zone
 between the carina and the inferior pulmonary veins, lower zone below them). The node finds:
 
-* **the carina**, by following the trachea (a round air column, HU < -900, 50-700 mm², near the
-  body's midline, outside the lung mask) from the top of the series down to the first slice where
-  it divides into two main bronchi. Rule ``"carina"``: upper zone = the lung cranial to that
-  slice; the lung caudal to it is halved by volume into middle and lower zone (the inferior
-  pulmonary veins are **not** detected; halving the infracarinal lung is this module's stated
-  stand-in for that landmark).
+* **the carina**, by following the trachea (an air column, HU < -800, 50-700 mm², within 30 mm
+  of the body's midline and in the middle of its depth) from the top of the series down to the
+  first slice where it divides into two main bronchi side by side (at least 10 mm apart
+  left-right, seen on two consecutive slices, 15-60 % of the lungs' height below the apex).
+  Rule ``"carina"``: upper zone = the lung cranial to that slice; the lung caudal to it is
+  halved by volume into middle and lower zone (the inferior pulmonary veins are **not**
+  detected; halving the infracarinal lung is this module's stated stand-in for that landmark).
 * when the trachea or its division is not found (series starting below the carina, tracheal
   tubes, unusual anatomy), rule ``"thirds"``: each lung is split into thirds of its own
   craniocaudal volume.
@@ -150,9 +151,18 @@ def cranial_heights(volume: SeriesVolume) -> npt.NDArray[np.float64]:
     return sign * volume.slice_positions()
 
 
-def _body_mid_col(hu_slice: npt.NDArray[np.floating]) -> float:
-    cols = np.flatnonzero(np.any(hu_slice > -500, axis=0))
-    return float(cols[0] + cols[-1]) / 2 if cols.size else hu_slice.shape[1] / 2
+def _in_mediastinum(hu_slice: npt.NDArray[np.floating], rows: npt.NDArray[np.intp],
+                   cols: npt.NDArray[np.intp], dc: float) -> bool:
+    """Whether a component lies where the trachea runs: within :data:`MIDLINE_MM` of the body's
+    left-right middle and in the middle 20-70 % of its front-back depth."""
+    body = hu_slice > -500
+    bc = np.flatnonzero(body.any(axis=0))
+    br = np.flatnonzero(body.any(axis=1))
+    if bc.size == 0 or br.size == 0:
+        return False
+    mid = (bc[0] + bc[-1]) / 2
+    depth = (rows.mean() - br[0]) / max(br[-1] - br[0], 1)
+    return bool(abs(cols.mean() - mid) * dc <= MIDLINE_MM and 0.2 <= depth <= 0.7)
 
 
 def _air_components(hu_slice: npt.NDArray[np.floating]) -> tuple[npt.NDArray[np.int32], int]:
@@ -213,17 +223,15 @@ def find_carina(volume: SeriesVolume, lung_labels: npt.NDArray[np.uint8]) -> int
             if n == 0:
                 continue
             areas = np.bincount(lab.ravel(), minlength=n + 1) * px_mm2
-            mid = _body_mid_col(hu[k])
             found = None
             for i in np.flatnonzero((areas >= TRACHEA_MIN_MM2) & (areas <= TRACHEA_MAX_MM2)):
                 if i == 0:
                     continue
-                _, cols = np.nonzero(lab == i)
-                if abs(cols.mean() - mid) * dc <= MIDLINE_MM:
+                rows, cols = np.nonzero(lab == i)
+                if _in_mediastinum(hu[k], rows, cols, dc):
                     found = lab == i
                     break
             if found is None:
-                run = 0
                 continue
             trachea, run = found, 1
             continue
@@ -232,11 +240,9 @@ def find_carina(volume: SeriesVolume, lung_labels: npt.NDArray[np.uint8]) -> int
         areas = np.array([np.count_nonzero(lab == i) * px_mm2 for i in hits])
         # lung parenchyma touching the airway is far larger than any airway: not a branch
         big = hits[(areas >= BRONCHUS_MIN_MM2) & (areas <= TRACHEA_MAX_MM2)]
-        if big.size == 0:
-            if run < 3:  # a short false start: look for the trachea again
-                trachea, run, split_at = None, 0, None
-                continue
-            return None
+        if big.size == 0:  # lost (or a false start): look for the trachea again lower down
+            trachea, run, split_at = None, 0, None
+            continue
         if big.size >= 2 and run >= 3 and _bronchi_apart(lab, big, dr, dc):
             depth = (lung_top - heights[k]) / max(lung_top - lung_bottom, 1e-6)
             if depth > CARINA_DEPTH[1]:

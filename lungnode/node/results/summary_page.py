@@ -27,7 +27,9 @@ from lungnode.inference.types import InferenceResult
 from lungnode.node.results.sc import NOT_FOR_DIAGNOSIS, lung_window, outline
 from lungnode.node.results.seg import INFILTRATE_RGB, LUNG_RGB
 
-__all__ = ["LEVEL_RGB", "PAGE_SIZE", "PageText", "key_slices", "render_summary"]
+__all__ = ["LEVEL_RGB", "PAGE_SIZE", "PageText", "coronal_row", "key_slices", "level_colours",
+           "overlay",
+           "render_summary"]
 
 #: Page width and height in pixels.
 PAGE_SIZE = (1024, 1448)
@@ -111,7 +113,17 @@ def key_slices(result: InferenceResult, count: int = 4) -> list[int]:
     return sorted(chosen, key=lambda k: -heights[k])
 
 
-def _level_rgb(report: SeverityReport) -> npt.NDArray[np.uint8]:
+def coronal_row(lung: npt.NDArray[np.bool_], infiltrate: npt.NDArray[np.bool_]) -> int:
+    """Image row of the coronal reformat: through the infiltrate's centre when there is one,
+    else through the lungs' centre."""
+    mask = infiltrate if infiltrate.any() else lung
+    weights = np.count_nonzero(mask, axis=(0, 2)).astype(np.float64)
+    if weights.sum() == 0:
+        return lung.shape[1] // 2
+    return round(float(weights @ np.arange(weights.size)) / float(weights.sum()))
+
+
+def level_colours(report: SeverityReport) -> npt.NDArray[np.uint8]:
     """Colour per region label (index 0 unused)."""
     table = np.zeros((len(report.regions) + 1, 3), np.uint8)
     for i, r in enumerate(report.regions, start=1):
@@ -119,9 +131,11 @@ def _level_rgb(report: SeverityReport) -> npt.NDArray[np.uint8]:
     return table
 
 
-def _overlay(hu: npt.NDArray[np.float32], regions: npt.NDArray[np.uint8] | None,
+def overlay(hu: npt.NDArray[np.float32], regions: npt.NDArray[np.uint8] | None,
              lung: npt.NDArray[np.bool_], infiltrate: npt.NDArray[np.bool_],
              colours: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Lung-window RGB of one plane: regions tinted by ``colours[label]``, lung and infiltrate
+    outlined."""
     gray = lung_window(hu).astype(np.float32)
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
     if regions is not None:
@@ -272,15 +286,14 @@ def render_summary(result: InferenceResult, report: SeverityReport, text: PageTe
     y = _table(draw, y, report, comparison) + 14
     # pictures
     vol = result.volume
-    colours = _level_rgb(report)
+    colours = level_colours(report)
     lung = result.lung_labels > 0
     heights = cranial_heights(vol)
     order = np.argsort(-heights, kind="stable")
     keys = key_slices(result)
-    score_rows = lung.sum(axis=(0, 2)) + 5 * result.infiltrate.sum(axis=(0, 2))
-    row = int(np.argmax(score_rows))
+    row = coronal_row(lung, result.infiltrate)
     labels = report.labels
-    coronal = _overlay(vol.hu[order, row, :], None if labels is None else labels[order, row, :],
+    coronal = overlay(vol.hu[order, row, :], None if labels is None else labels[order, row, :],
                        lung[order, row, :], result.infiltrate[order, row, :], colours)
     _, dr, dc = vol.spacing_mm
     extent_z = float(heights.max() - heights.min()) + vol.spacing_mm[0]
@@ -308,7 +321,7 @@ def render_summary(result: InferenceResult, report: SeverityReport, text: PageTe
     cell = (width - (width // 2) - MARGIN - 8) // 2
     x_ax = width // 2 + 4
     for n, k in enumerate(keys[:4]):
-        ax = _overlay(vol.hu[k], None if labels is None else labels[k], lung[k],
+        ax = overlay(vol.hu[k], None if labels is None else labels[k], lung[k],
                       result.infiltrate[k], colours)
         img = _fit(ax, vol.hu.shape[2] * dc, vol.hu.shape[1] * dr, (cell - 4, cell - 4))
         px, py = x_ax + (n % 2) * cell, y + (n // 2) * (cell + 22)
