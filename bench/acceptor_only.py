@@ -1,6 +1,6 @@
 """The node's network path alone, for ``bench/ingest.py --breakdown``: not a DICOM node.
 
-Runs lungnode's :class:`~lungnode.node.acceptor.Acceptor` (the same socket reading, association
+Runs lungnode's :class:`~lungnode.node.dimse.acceptor.Acceptor` (the same socket reading, association
 negotiation, PDU and DIMSE code as ``lungnode run``, with the node's presentation contexts) with
 hooks that accept every association from 127.0.0.1, drop each data set as it arrives and answer
 every C-STORE with success. Nothing is written, checked, hashed or recorded. Its rate is the
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lungnode.node.acceptor import Acceptor, AcceptorSettings
-from lungnode.node.listener import MAX_PDU_BYTES, supported_contexts
-from lungnode.node.pdu import AssociationRequest, Command
+from lungnode.node.dimse.acceptor import Acceptor, AcceptorSettings
+from lungnode.node.dimse.pdu import AssociationRequest, Command
+from lungnode.node.ingest.listener import MAX_PDU_BYTES, supported_contexts
 
 
 class CountingSink:

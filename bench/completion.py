@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "dispatch")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "node" / "dispatch")]
 
 from dispatch_helpers import clone_series, seed_series, write_config  # noqa: E402
 from node_process import LungnodeProcess, _free_port, _wait_for_port  # noqa: E402
 
-from lungnode.node.outcome import JobOutcome  # noqa: E402
+from lungnode.node.dispatch.outcome import JobOutcome  # noqa: E402
 from lungnode.storage.db import Database  # noqa: E402
 
 CHEST = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data")) / "ct" / \

@@ -2,7 +2,7 @@
 
 Makes a 300-slice series from the shared 30-slice chest CT (slices repeated, 1 mm apart, new UIDs)
 in a temp folder, threshold lung masks and a ball infiltrate on it, then measures with the node's
-own code (:func:`lungnode.node.results.build.build_outputs`, :func:`lungnode.node.delivery.send_items`):
+own code (:func:`lungnode.node.results.build.build_outputs`, :func:`lungnode.node.dimse.scu.send_items`):
 
 * build SEG + SR (Explicit VR LE), first build in the process and the median of warm builds;
 * build SEG (JPEG 2000 lossless) + SR;
@@ -29,7 +29,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "results")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "node" / "results")]
 
 from results_factory import ball_in, measure, threshold_lungs  # noqa: E402
 
@@ -74,7 +74,7 @@ def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 def send(outputs: list[BuiltOutput], tmp: Path, port: int) -> float:
     from lungnode.config import DestinationConfig
-    from lungnode.node.delivery import OutboundItem, send_items
+    from lungnode.node.dimse.scu import OutboundItem, send_items
 
     items = []
     for o in outputs:

@@ -5,7 +5,7 @@ DICOM and HTTP ports, no remote access, no authentication, any called AE accepte
 starts Orthanc with ``TCP_NODELAY=1`` and waits until its REST API answers. It can be stopped and
 started again on the same ports and storage (destination down → back up). Reusable by any test
 area: ``from tests.orthanc import OrthancServer`` or the ``orthanc`` fixture in
-``tests/results/conftest.py``.
+``tests/node/results/conftest.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dispatch subcommands: ``worker``, ``jobs``, ``retry``, ``reprocess``, ``explain``, ``rules dry-run``.
 
-These are thin wrappers over :mod:`lungnode.node.jobs`, :mod:`lungnode.node.worker` and
-:mod:`lungnode.node.rules`; they print UIDs, states and rule conditions, never patient data.
+These are thin wrappers over :mod:`lungnode.node.dispatch.jobs`, :mod:`lungnode.node.dispatch.worker` and
+:mod:`lungnode.node.dispatch.rules`; they print UIDs, states and rule conditions, never patient data.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _db(config: Config) -> Database:
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
     from lungnode.logs import configure_logging
-    from lungnode.node.worker import resolve, run_worker
+    from lungnode.node.dispatch.worker import resolve, run_worker
 
     configure_logging(config, "worker %(process)d")
     from lungnode.ops import metrics
@@ -55,7 +55,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
 
 
 def _jobs(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -75,7 +75,7 @@ def _jobs(args: argparse.Namespace, config: Config) -> int:
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -90,7 +90,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node import jobs
+    from lungnode.node.dispatch import jobs
 
     db = _db(config)
     try:
@@ -106,8 +106,8 @@ def _reprocess(args: argparse.Namespace, config: Config) -> int:
 
 
 def _explain_lines(db: Database, config: Config, series_uid: str, verbose: bool) -> list[str] | None:
-    from lungnode.node.completion import OWN_OUTPUT_RULE
-    from lungnode.node.rules import Decision, decide, format_decision, format_features, load_features
+    from lungnode.node.dispatch.completion import OWN_OUTPUT_RULE
+    from lungnode.node.dispatch.rules import Decision, decide, format_decision, format_features, load_features
     from lungnode.storage.models import Series
 
     with db.session() as s:

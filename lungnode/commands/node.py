@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.storage.catalog import Catalog
+    from lungnode.node.ingest.catalog import Catalog
     from lungnode.storage.db import Database
     from lungnode.storage.filestore import FileStore
 

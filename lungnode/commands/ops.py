@@ -19,7 +19,8 @@ import sys
 from typing import Any
 
 from lungnode.config import Config
-from lungnode.ops import audit, health, retention
+from lungnode.ops import health, retention
+from lungnode.storage import audit
 from lungnode.storage.db import Database
 from lungnode.storage.models import utcnow
 

@@ -25,7 +25,7 @@ def _open(config: Config) -> tuple[Any, Any]:
 
 
 def _check_destination(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import SOP_NAMES, TS_NAMES, check_destination
+    from lungnode.node.dimse.scu import SOP_NAMES, TS_NAMES, check_destination
 
     try:
         dest = config.destination(args.name)
@@ -55,7 +55,7 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
 
 
 def _send_now(config: Config, db: Any, store: Any, job_pk: int, names: list[str]) -> int:
-    from lungnode.node.delivery import DeliverySender
+    from lungnode.node.results.delivery import DeliverySender
     from lungnode.storage.models import Delivery
 
     sender = DeliverySender(config, db, store)
@@ -93,7 +93,7 @@ def _wait_for_other_sender(db: Any, delivery_id: int, timeout: float) -> str:
 
 
 def _resend(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import resend
+    from lungnode.node.results.delivery import resend
 
     db, store = _open(config)
     try:
@@ -106,7 +106,7 @@ def _resend(args: argparse.Namespace, config: Config) -> int:
 
 
 def _release(args: argparse.Namespace, config: Config) -> int:
-    from lungnode.node.delivery import release
+    from lungnode.node.results.delivery import release
 
     db, store = _open(config)
     try:
@@ -122,8 +122,8 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
     from lungnode.inference.dicom_io import SeriesError
     from lungnode.inference.engine import infer_folder
     from lungnode.inference.geometry import GeometryError
-    from lungnode.node.pipeline import engine_from_config, output_context
-    from lungnode.node.quality import check_quality
+    from lungnode.node.dispatch.pipeline import engine_from_config, output_context
+    from lungnode.node.dispatch.quality import check_quality
     from lungnode.node.results.build import Profile, build_outputs
     from lungnode.node.results.seg import SegOptions
 

@@ -2,7 +2,7 @@
 
 :class:`NodeApp` opens the database and file store, recovers from a crash (removes temp files,
 indexes files without rows, closes association rows left open), starts the listener (see
-:mod:`lungnode.node.listener`), then every service named in :data:`SERVICE_FACTORIES`. On SIGTERM or
+:mod:`lungnode.node.ingest.listener`), then every service named in :data:`SERVICE_FACTORIES`. On SIGTERM or
 SIGINT it stops the listener first (no new associations; open ones get ``node.shutdown_grace_s``),
 then the services in reverse order, and writes the clean-shutdown marker.
 """
@@ -18,10 +18,10 @@ from types import FrameType
 from typing import cast
 
 from lungnode.config import Config
-from lungnode.node.listener import Listener, ingest_file_store
+from lungnode.node.ingest.catalog import Catalog
+from lungnode.node.ingest.listener import Listener, ingest_file_store
 from lungnode.node.service import Service
 from lungnode.ops.metrics import setup_from_config
-from lungnode.storage.catalog import Catalog
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 
@@ -31,9 +31,9 @@ LOG = logging.getLogger(__name__)
 #: ``make_service(config: Config, db: Database, store: FileStore) -> Service``. Other areas append
 #: theirs (completion scheduler, local worker pool, delivery sender, metrics server, retention).
 SERVICE_FACTORIES: list[str] = [
-    "lungnode.node.completion:make_service",
-    "lungnode.node.worker:make_service",
-    "lungnode.node.delivery:make_service",
+    "lungnode.node.dispatch.completion:make_service",
+    "lungnode.node.dispatch.worker:make_service",
+    "lungnode.node.results.delivery:make_service",
     "lungnode.ops.server:make_service",
     "lungnode.ops.retention:make_service",
 ]

@@ -1,1 +1,1 @@
-"""Operations: metrics, health, retention and the audit trail."""
+"""Operations: metrics, health, retention and the HTTP endpoints (the audit trail is in storage)."""

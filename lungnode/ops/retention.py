@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from lungnode.config import Config
 from lungnode.ops import metrics
-from lungnode.ops.audit import record_event
+from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, utcnow
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from lungnode.config import Config
-from lungnode.ops import audit, health, metrics
+from lungnode.ops import health, metrics
+from lungnode.storage import audit
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Delivery, Job

@@ -1,2 +1,2 @@
-"""Durable state: SQLAlchemy tables (:mod:`.models`), the database (:mod:`.db`) and the file
-store (:mod:`.filestore`)."""
+"""Durable state: SQLAlchemy tables (:mod:`.models`), the database (:mod:`.db`), the file
+store (:mod:`.filestore`) and the append-only audit trail (:mod:`.audit`)."""

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DatabaseError
 
 from lungnode.config import Config
 from lungnode.ops import retention
-from lungnode.ops.audit import ensure_append_only, read_events, record_event
+from lungnode.storage.audit import ensure_append_only, read_events, record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import AuditEvent, utcnow

@@ -2,7 +2,7 @@
 
 SCP side: the contexts the listener negotiates. SCU side: the contexts that
 ``check_destination`` really proposes to a peer (captured by a real SCP on loopback), and
-``SCU_SOP_CLASSES`` when the delivery module defines it.
+``SCU_SOP_CLASSES`` when the SCU module defines it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def doc_table(name: str, text: str | None = None) -> list[dict[str, str]]:
 
 def scp_contexts(config: Config, tmp_path: Path) -> dict[str, set[str]]:
     """Abstract syntax → transfer syntaxes the listener negotiates."""
-    from lungnode.node.listener import ListenerWorker
+    from lungnode.node.ingest.listener import ListenerWorker
 
     db = Database(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     try:
@@ -80,7 +80,7 @@ def scp_differences(contexts: dict[str, set[str]], text: str | None = None) -> l
 
 
 def test_statement_scp_tables_equal_listener_contexts(ops_config: Config, tmp_path: Path) -> None:
-    from lungnode.node.policy import SCP_SOP_CLASSES, SCP_TRANSFER_SYNTAXES
+    from lungnode.node.ingest.policy import SCP_SOP_CLASSES, SCP_TRANSFER_SYNTAXES
 
     contexts = scp_contexts(ops_config, tmp_path)
     assert scp_differences(contexts) == []
@@ -94,7 +94,7 @@ def test_statement_scp_tables_equal_listener_contexts(ops_config: Config, tmp_pa
 
 def test_adding_a_sop_class_to_the_code_only_fails(ops_config: Config, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungnode.node import listener, policy
+    from lungnode.node.ingest import listener, policy
 
     mr = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
     extended = {**policy.SCP_SOP_CLASSES, mr: "MR Image Storage"}
@@ -114,7 +114,7 @@ def test_adding_a_sop_class_to_the_code_only_fails(ops_config: Config, tmp_path:
 
 def _proposed_by_check_destination() -> set[tuple[str, str]]:
     """Run ``check_destination`` against a real SCP and return every (SOP class, TS) it proposed."""
-    from lungnode.node.delivery import check_destination
+    from lungnode.node.dimse.scu import check_destination
 
     seen: set[tuple[str, str]] = set()
     lock = threading.Lock()
@@ -144,12 +144,12 @@ def test_statement_scu_table_equals_what_the_code_proposes() -> None:
     proposed = _proposed_by_check_destination()
     assert proposed, "check_destination proposed nothing"
     assert proposed == doc_pairs
-    from lungnode.node import delivery
+    from lungnode.node.dimse import scu
     from lungnode.node.results import seg
 
     # Every SEG transfer syntax a destination can choose is in the statement.
     assert {(r["SOP Class UID"], ts) for r in rows if r["SOP Class Name"] == "Segmentation Storage"
             for ts in seg.TRANSFER_SYNTAXES.values()} <= doc_pairs
-    scu = getattr(delivery, "SCU_SOP_CLASSES", None)
-    if scu is not None:
-        assert set(scu) == {uid for uid, _ in doc_pairs}
+    scu_classes = getattr(scu, "SCU_SOP_CLASSES", None)
+    if scu_classes is not None:
+        assert set(scu_classes) == {uid for uid, _ in doc_pairs}

@@ -73,7 +73,7 @@ def _scrape(base: str) -> str:
 
 @pytest.mark.slow
 def test_metrics_follow_a_real_series(tmp_path: Path, chest_ct_dir: Path, pacs: FakePacs) -> None:
-    from tests.results.results_factory import make_tiny_bundle
+    from tests.node.results.results_factory import make_tiny_bundle
 
     files = sorted(chest_ct_dir.glob("*.dcm"))
     assert len(files) == 30
@@ -82,7 +82,7 @@ def test_metrics_follow_a_real_series(tmp_path: Path, chest_ct_dir: Path, pacs: 
     overrides = {
         "completion": {"quiet_period_s": 20.0, "grace_s": 1.0, "poll_s": 0.1},
         "jobs": {"local_workers": 1, "poll_s": 0.2,
-                 "engine_factory": "lungnode.node.pipeline:engine_from_config"},
+                 "engine_factory": "lungnode.node.dispatch.pipeline:engine_from_config"},
         "inference": {"model": str(bundle), "device": "cpu", "threads": 1},
         "results": {"quality_gate": {"enabled": False}},
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ohif_proof.common import CHROMEDRIVER, CHROMIUM, OHIF_BASE, WINDOW, ImageU8, log, wait_until
 from ohif_proof.images import load_png
 

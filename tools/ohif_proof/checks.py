@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ohif_proof.browser import ViewportState
 from ohif_proof.common import RGB, ImageU8, Mask
 from ohif_proof.images import SegTruth, colour_mask, rendered_lung_region

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ohif_proof.common import REPO, Mask, log, wait_until
 from ohif_proof.harness_seg import make_harness_seg, threshold_lung_mask
 from ohif_proof.orthanc import Orthanc

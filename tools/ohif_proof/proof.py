@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ohif_proof.browser import OhifPage, start_chromium
 from ohif_proof.checks import SliceCheck, analyse_seg_slice, colour_counts
 from ohif_proof.common import (

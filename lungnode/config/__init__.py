@@ -1,0 +1,41 @@
+"""The node's configuration: ``config.toml`` read once into typed, validated objects.
+
+Every switch an admin can set lives in one dataclass of this package (one module per group of
+sections), with its default and a one-line meaning
+(the commented ``config.toml`` at the repository root mirrors these). :func:`load_config` (in
+:mod:`~lungnode.config.load`) reads it. Import everything from ``lungnode.config``.
+
+Sections
+--------
+``[node]``           DIMSE listener: AE title, address, peers, TLS, timeouts.
+``[storage]``        Storage root, database URL, disk watermark.
+``[completion]``     When a series counts as complete.
+``[[rules]]``        Which series are dispatched (ordered include/exclude rules).
+``[jobs]``           Job leases, retries, local workers.
+``[inference]``      Model bundle, device, sliding window.
+``[results]``        Output series numbering, quality gate.
+``[[destinations]]`` Where results are sent.
+``[delivery]``       Send retries.
+``[metrics]``        Prometheus and health endpoint.
+``[retention]``      Cleanup of old data.
+"""
+
+from lungnode.config.dispatch import (
+    CT_IMAGE_STORAGE,
+    CompletionConfig,
+    InferenceConfig,
+    JobsConfig,
+    RuleConfig,
+)
+from lungnode.config.load import ENV_CONFIG, Config, config_path, load_config, parse_config
+from lungnode.config.node import NodeConfig, PeerConfig, StorageConfig, TlsConfig
+from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
+from lungnode.config.results import DeliveryConfig, DestinationConfig, QualityGateConfig, ResultsConfig
+from lungnode.config.typed_toml import ConfigError
+
+__all__ = [
+    "CT_IMAGE_STORAGE", "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
+    "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig",
+    "TlsConfig", "config_path", "load_config", "parse_config",
+]

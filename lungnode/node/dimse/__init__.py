@@ -1,0 +1,1 @@
+"""The DICOM wire: PDUs, the acceptor (the node's own DIMSE SCP) and the C-STORE/C-ECHO SCU."""

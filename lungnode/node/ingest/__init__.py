@@ -1,0 +1,1 @@
+"""Receiving: the listener, the C-STORE handler, admission policy, header reading and cataloguing."""
