@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "results")]
+sys.path[:0] = [str(REPO / "tests" / "node" / "results")]
 
 from results_factory import ball_in, measure  # noqa: E402
 

@@ -45,7 +45,8 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
         for sop, ts in pairs:
             print(f"  {label:8s} {SOP_NAMES.get(sop, sop)} in {TS_NAMES.get(ts, ts)}")
     needed = {"seg": "1.2.840.10008.5.1.4.1.1.66.4", "sr": "1.2.840.10008.5.1.4.1.1.88.33",
-              "sc": "1.2.840.10008.5.1.4.1.1.7"}
+              "sc": "1.2.840.10008.5.1.4.1.1.7", "summary": "1.2.840.10008.5.1.4.1.1.7",
+              "pdf": "1.2.840.10008.5.1.4.1.1.104.1"}
     accepted = {sop for sop, _ in report.accepted}
     missing = [obj for obj in dest.objects if needed[obj] not in accepted]
     if missing:

@@ -15,7 +15,13 @@ from pathlib import Path
 from lungnode.config.dispatch import CompletionConfig, InferenceConfig, JobsConfig, RuleConfig, default_rules
 from lungnode.config.node import NodeConfig, StorageConfig
 from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
-from lungnode.config.results import DeliveryConfig, DestinationConfig, ResultsConfig
+from lungnode.config.results import (
+    DeliveryConfig,
+    DestinationConfig,
+    PriorsConfig,
+    ReportConfig,
+    ResultsConfig,
+)
 from lungnode.config.typed_toml import ConfigError, build_dataclass
 
 ENV_CONFIG = "LUNGNODE_CONFIG"
@@ -32,6 +38,8 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -52,6 +60,9 @@ class Config:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ConfigError("destinations", names, "unique destination names")
+        if self.priors.source == "pacs" and self.priors.destination not in names:
+            raise ConfigError("priors.destination", self.priors.destination,
+                              f"one of the destinations ({', '.join(names) or 'none configured'})")
 
     def destination(self, name: str) -> DestinationConfig:
         """Return the destination called ``name`` (KeyError if none)."""

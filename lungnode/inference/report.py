@@ -34,6 +34,14 @@ class ReportOptions:
     scheme: ScoreScheme = field(default_factory=lambda: SCHEMES["pan"])
     pho_min_hu: float = PHO_MIN_HU
 
+    @classmethod
+    def from_settings(cls, regions: str = "auto", scheme: str = "pan",
+                      cutoffs: tuple[str, ...] = (), pho_min_hu: float = PHO_MIN_HU) -> ReportOptions:
+        """Options from the ``[report]`` values (own ``cutoffs`` make a scheme named ``site``)."""
+        chosen = (ScoreScheme("site", f"site cut-offs {', '.join(cutoffs)}", tuple(cutoffs))
+                  if cutoffs else SCHEMES[scheme])
+        return cls(regions=regions, scheme=chosen, pho_min_hu=pho_min_hu)
+
 
 def lobe_labels_for(engine: Any, result: InferenceResult,
                     options: ReportOptions) -> npt.NDArray[np.uint8] | None:

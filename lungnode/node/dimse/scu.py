@@ -150,16 +150,19 @@ class DestinationCheck:
     error: str = ""
 
 
-#: What ``check-destination`` proposes: SEG (explicit, JPEG 2000 lossless), Comprehensive SR, SC.
+#: What ``check-destination`` proposes: SEG (explicit, JPEG 2000 lossless), Comprehensive SR, SC,
+#: Encapsulated PDF.
 CHECK_CONTEXTS = (
     ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.1"),
     ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.4.90"),
     ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.1.2.1"),
     ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1"),
+    ("1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.1.2.1"),
 )
 SOP_NAMES = {"1.2.840.10008.5.1.4.1.1.66.4": "Segmentation", "1.2.840.10008.1.1": "Verification",
              "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
-             "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture"}
+             "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+             "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF"}
 TS_NAMES = {"1.2.840.10008.1.2.1": "Explicit VR Little Endian",
             "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless", "1.2.840.10008.1.2": "Implicit VR"}
 

@@ -90,7 +90,7 @@ def build_summary_sc(result: InferenceResult, page: npt.NDArray[np.uint8], sourc
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=ctx.manufacturer,
         patient_orientation=("L", "P"),
         transfer_syntax_uid=str(ExplicitVRLittleEndian))
-    sc.PatientOrientation = ""  # a page, not a view of the patient (type 2: empty)
+    sc.PatientOrientation = []  # a page, not a view of the patient (type 2: empty)
     sc.SourceImageSequence = _source_refs(result, source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{NOT_FOR_DIAGNOSIS}. {DOCUMENT_TITLE}, model {ctx.model_label}"
