@@ -132,10 +132,15 @@ def build_outputs(result: InferenceResult, ctx: OutputContext, profile: Profile,
             if "seg" in profile.objects:
                 out.extend(BuiltOutput("seg", ds, encode(ds)) for ds in segs)
             timings["seg"] = time.perf_counter() - t0
+        if any(o in profile.objects for o in ("sr", "summary", "pdf")):
+            t0 = time.perf_counter()
+            report = report or severity_for(result)
+            timings["report"] = time.perf_counter() - t0
         if "sr" in profile.objects:
             t0 = time.perf_counter()
             sr = build_sr(source, segs, specs, result.measurements, ctx,
-                          predecessor=predecessor_sr, description_suffix=suffix)
+                          predecessor=predecessor_sr, description_suffix=suffix, report=report,
+                          comparison=comparison)
             out.append(BuiltOutput("sr", sr, encode(sr)))
             timings["sr"] = time.perf_counter() - t0
         if "sc" in profile.objects:
@@ -145,7 +150,7 @@ def build_outputs(result: InferenceResult, ctx: OutputContext, profile: Profile,
             timings["sc"] = time.perf_counter() - t0
         if "summary" in profile.objects or "pdf" in profile.objects:
             t0 = time.perf_counter()
-            report = report or severity_for(result)
+            assert report is not None  # computed above
             page = render_page(result, report, source, ctx, comparison)
             if "summary" in profile.objects:
                 ds = build_summary_sc(result, page, source, ctx, description_suffix=suffix)
