@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from orthanc import OrthancServer
 
 from lungnode.inference.comparison import Comparison, PriorFigures, impression, report_to_dict
 from lungnode.inference.report import severity_for
@@ -90,3 +91,26 @@ def test_impression_and_comparison_text(chest_result: InferenceResult) -> None:
     assert "Down from" in impression(report, Comparison.of(higher, "20261106"))
     none = Comparison.none("No comparison: the Patient ID is missing.")
     assert impression(report, none).endswith("No comparison: the Patient ID is missing.")
+
+
+def test_orthanc_stores_summary_and_pdf(tmp_path: Path, orthanc: OrthancServer,
+                                        chest_result: InferenceResult) -> None:
+    """Built, stored and sent by the node's own code; Orthanc keeps the page and the PDF in the
+    source study."""
+    from test_results_delivery import drain, node_config, setup_job
+
+    from lungnode.config import parse_config
+    from lungnode.node.results.delivery import DeliverySender
+
+    config = parse_config(node_config(tmp_path, orthanc.dicom_port,
+                                      '["sr", "summary", "pdf"]').read_text())
+    db, store, job_pk = setup_job(config, chest_result)
+    d = drain(DeliverySender(config, db, store), db, job_pk)
+    assert d.state == "sent" and len(d.acknowledged) == 3
+    tags = [orthanc.instance_tags(i) for i in orthanc.wait_for_instances(3)]
+    by_modality = {t["Modality"]: t for t in tags}
+    assert set(by_modality) == {"SR", "OT", "DOC"}
+    assert by_modality["OT"]["SeriesNumber"] == "9103"
+    assert by_modality["DOC"]["MIMETypeOfEncapsulatedDocument"] == "application/pdf"
+    assert by_modality["SR"]["SeriesDescription"].startswith("AI lung report PO ")
+    assert orthanc.statistics()["CountStudies"] == 1
