@@ -13,7 +13,7 @@ Content added to the Imaging Measurements of :func:`.sr.build_sr`::
       Change in percent of lung involved since prior [%]     (only with a prior)
     Measurement Group: Both lungs                                        (TID 1411)
       Finding Site = Lung, Right and left; Referenced Segment = the SEG's Infiltrate segment
-      Total CT severity score [{score}] (method), PO, PHO
+      Total CT severity score and its maximum [{score}] (method), PO, PHO
       Region assignment method = carina / volume thirds / model lobes (qualitative evaluation)
       Change in PO [%], change in total score, days since the prior study  (only with a prior)
     Impression (DCM 121073, TEXT): the sentence of :func:`~lungnode.inference.comparison.impression`
@@ -43,6 +43,7 @@ GGO_VOLUME = CC("LN0004", LOCAL_SCHEME, "Volume of ground-glass opacity")
 CONSOLIDATION_VOLUME = CC("LN0005", LOCAL_SCHEME, "Volume of consolidation")
 REGION_SCORE = CC("LN0006", LOCAL_SCHEME, "CT severity score of region")
 TOTAL_SCORE = CC("LN0007", LOCAL_SCHEME, "Total CT severity score")
+MAX_SCORE = CC("LN0008", LOCAL_SCHEME, "Maximum total CT severity score")
 PO_CHANGE = CC("LN0010", LOCAL_SCHEME, "Change in percent of lung involved since prior")
 SCORE_CHANGE = CC("LN0011", LOCAL_SCHEME, "Change in total CT severity score since prior")
 DAYS_SINCE_PRIOR = CC("LN0012", LOCAL_SCHEME, "Days since prior study")
@@ -126,6 +127,7 @@ def total_measurements(report: SeverityReport, algorithm: hd.sr.AlgorithmIdentif
     site = hd.sr.FindingSite(anatomic_location=LUNG_TYPE, laterality=LATERALITY["both"])
     out = [
         _m(TOTAL_SCORE, report.total_score, SCORE_UNIT, algorithm, site, scheme_code(report)),
+        _m(MAX_SCORE, report.max_score, SCORE_UNIT, algorithm, site, scheme_code(report)),
         _m(PERCENT_INVOLVED, report.both.po, PERCENT, algorithm, site),
         _m(PERCENT_HIGH_OPACITY, report.both.pho, PERCENT, algorithm, site),
     ]
@@ -186,3 +188,64 @@ def impression_item(report: SeverityReport, comparison: Comparison | None) -> Da
     """The Impression TEXT item (appended to the report's root container)."""
     return hd.sr.TextContentItem(name=IMPRESSION, value=impression(report, comparison)[:1024],
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> str:
+    seq = item.get(keyword)
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def _numbers(group: Dataset) -> dict[str, tuple[float, str]]:
+    """NUM items of a group: code -> (value, method code)."""
+    out: dict[str, tuple[float, str]] = {}
+    for item in group.get("ContentSequence", []):
+        if item.ValueType == "NUM" and item.get("MeasuredValueSequence"):
+            method = ""
+            for mod in item.get("ContentSequence", []):
+                if _code(mod) == "370129005":  # Measurement Method
+                    method = _code(mod, "ConceptCodeSequence")
+            out[_code(item)] = (float(item.MeasuredValueSequence[0].NumericValue), method)
+    return out
+
+
+def read_report_figures(sr: Dataset) -> dict[str, object] | None:
+    """The figures of one of our SRs in :func:`~lungnode.inference.comparison.report_to_dict`
+    form (the parts a prior comparison needs), or ``None`` when it has no region groups.
+
+    Parameters
+    ----------
+    sr:
+        A lungnode TID 1500 SR (as built by :func:`.sr.build_sr` with a report).
+
+    Returns
+    -------
+    dict or None
+    """
+    from lungnode.inference.regions import LOBES, ZONES
+
+    keys = {r.name: r.key for r in (*ZONES, *LOBES)}
+    schemes = {code.value: name for name, code in SCHEME_CODES.items()}
+    regions: list[dict[str, object]] = []
+    total: dict[str, tuple[float, str]] | None = None
+    for container in sr.get("ContentSequence", []):
+        if _code(container) != "126010":  # Imaging Measurements
+            continue
+        for group in container.get("ContentSequence", []):
+            name = next((str(i.TextValue) for i in group.get("ContentSequence", [])
+                         if _code(i) == "112039"), "")  # Tracking Identifier
+            numbers = _numbers(group)
+            if name == "Both lungs" and TOTAL_SCORE.value in numbers:
+                total = numbers
+            elif name in keys and PERCENT_INVOLVED.value in numbers:
+                regions.append({"key": keys[name], "name": name,
+                                "po": numbers[PERCENT_INVOLVED.value][0],
+                                "score": int(numbers.get(REGION_SCORE.value, (0.0, ""))[0])})
+    if total is None or not regions:
+        return None
+    score, method = total[TOTAL_SCORE.value]
+    both = {"key": "both", "po": total.get(PERCENT_INVOLVED.value, (0.0, ""))[0],
+            "pho": total.get(PERCENT_HIGH_OPACITY.value, (0.0, ""))[0]}
+    kind = "lobes" if regions[0]["key"] in {r.key for r in LOBES} else "zones"
+    return {"regions": regions, "lungs": [{}, {}, both], "region_kind": kind,
+            "scheme": schemes.get(method, "site"), "total_score": int(score),
+            "max_score": int(total.get(MAX_SCORE.value, (0.0, ""))[0])}

@@ -4,14 +4,17 @@ different issuer or a missing Patient ID → no comparison, and the report says 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from orthanc import OrthancServer
 from pydicom.uid import generate_uid
 from results_factory import make_result
 from sqlalchemy import select
@@ -40,21 +43,32 @@ class Ctx:
     engine: Any
 
 
-@pytest.fixture
-def ctx(tmp_path: Path) -> Ctx:
+def make_ctx(root: Path, port: int = 104, objects: str = '["seg", "sr", "summary"]',
+             priors: str = "") -> Ctx:
     config = parse_config(f"""
 [storage]
-root = "{tmp_path / 'store'}"
+root = "{root / 'store'}"
 fsync = false
 min_free_disk_mb = 0
 [[destinations]]
 name = "pacs"
-ae_title = "PACS"
+ae_title = "ORTHANC"
 host = "127.0.0.1"
-objects = ["seg", "sr", "summary"]
+port = {port}
+objects = {objects}
+[delivery]
+retry_delays_s = [0.3]
+timeout_s = 10.0
+poll_s = 0.1
+{priors}
 """)
     return Ctx(config, Database(config.storage.effective_database_url),
                FileStore(Path(config.storage.root), fsync=False), ThresholdEngine())
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Ctx:
+    return make_ctx(tmp_path)
 
 
 def add_study(ctx: Ctx, chest_ct_dir: Path, patient_id: str, issuer: str, date: str) -> int:
@@ -157,3 +171,63 @@ def test_priors_off_says_nothing(ctx: Ctx, chest_ct_dir: Path) -> None:
     run_job(ctx, add_study(ctx, chest_ct_dir, "P1", "", "20261102"))
     m = run_job(ctx, add_study(ctx, chest_ct_dir, "P1", "", "20261106"))
     assert "prior" not in m and "report" in m
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
+    """Orthanc that lets our AE title query (C-FIND) and retrieve (C-GET)."""
+    if not OrthancServer.available():
+        pytest.skip("Orthanc is not installed")
+    server = OrthancServer(tmp_path / "orthanc")
+    server.write_config()
+    config = json.loads(server.config_path.read_text())
+    config["DicomModalities"] = {"lungnode": {
+        "AET": "LUNGNODE", "Host": "127.0.0.1", "Port": 104, "AllowEcho": True,
+        "AllowFind": True, "AllowGet": True, "AllowMove": True, "AllowStore": True}}
+    server.config_path.write_text(json.dumps(config))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_prior_from_the_pacs_same_patient_only(tmp_path: Path, pacs: OrthancServer,
+                                               chest_ct_dir: Path) -> None:
+    """Node A reported the first study and sent its SR to the PACS; node B (a new node, no local
+    results) finds it with C-FIND, fetches it with C-GET and compares; another patient or another
+    issuer gets no comparison."""
+    from test_results_delivery import drain
+
+    from lungnode.node.results.delivery import DeliverySender
+
+    node_a = make_ctx(tmp_path / "a", pacs.dicom_port, '["sr"]')
+    first = add_study(node_a, chest_ct_dir, "P1", "HOSP", "20261102")
+    m1 = run_job(node_a, first)
+    assert drain(DeliverySender(node_a.config, node_a.db, node_a.store), node_a.db,
+                 first).state == "sent"
+    assert len(pacs.wait_for_instances(1)) == 1
+
+    priors = '[priors]\nsource = "pacs"\ndestination = "pacs"'
+    node_b = make_ctx(tmp_path / "b", pacs.dicom_port, '["sr"]', priors)
+    m2 = run_job(node_b, add_study(node_b, chest_ct_dir, "P1", "HOSP", "20261106"))
+    prior = m2["prior"]
+    assert prior["source"].startswith("PACS pacs, SR ")
+    assert prior["study_date"] == "20261102" and prior["days"] == 4
+    assert prior["po"] == m1["report"]["lungs"][2]["po"]
+    assert prior["total_score"] == m1["report"]["total_score"] and prior["score_change"] == 0
+
+    other = run_job(node_b, add_study(node_b, chest_ct_dir, "P2", "HOSP", "20261106"))
+    assert other["prior"] == {"note": "No prior exam of this patient in lungnode's results or "
+                                      "on pacs."}
+    issuer = run_job(node_b, add_study(node_b, chest_ct_dir, "P1", "OTHER", "20261107"))
+    assert "prior" in issuer and "study_date" not in issuer["prior"]
+
+
+def test_unreachable_pacs_is_said(tmp_path: Path, chest_ct_dir: Path) -> None:
+    from orthanc import free_port
+
+    priors = '[priors]\nsource = "pacs"\ndestination = "pacs"'
+    node = make_ctx(tmp_path, free_port(), '["sr"]', priors)
+    m = run_job(node, add_study(node, chest_ct_dir, "P1", "", "20261106"))
+    assert m["prior"]["note"].endswith("The PACS pacs could not be asked.")
