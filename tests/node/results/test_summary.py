@@ -114,3 +114,20 @@ def test_orthanc_stores_summary_and_pdf(tmp_path: Path, orthanc: OrthancServer,
     assert by_modality["DOC"]["MIMETypeOfEncapsulatedDocument"] == "application/pdf"
     assert by_modality["SR"]["SeriesDescription"].startswith("AI lung report PO ")
     assert orthanc.statistics()["CountStudies"] == 1
+
+
+def test_sr_figures_read_back_equal_the_report(chest_result: InferenceResult) -> None:
+    """What a later node reads from our SR (PACS priors) equals what it would have stored."""
+    import io
+
+    from lungnode.node.results.sr_report import read_report_figures
+
+    report = severity_for(chest_result)
+    ctx = OutputContext(job_id=3, model=chest_result.model)
+    sr = next(o for o in build_outputs(chest_result, ctx, Profile(objects=("sr",)), report=report)
+              if o.kind == "sr")
+    figures = read_report_figures(pydicom.dcmread(io.BytesIO(sr.data)))
+    assert figures is not None
+    from_sr = PriorFigures.from_report_dict(figures, "20261102", "1.2", "sr")
+    stored = PriorFigures.from_report_dict(report_to_dict(report), "20261102", "1.2", "sr")
+    assert from_sr == stored and from_sr.max_score == 30 and from_sr.scheme == "pan"
