@@ -113,13 +113,14 @@ def test_secondary_capture_opens_as_ordinary_images(proof: ProofReport) -> None:
 
 
 def test_sr_is_listed_and_parsed_by_ohif(proof: ProofReport) -> None:
-    """OHIF lists the SR in the study browser and its DICOM SR handler finds the two measurement
-    groups (Lung, Infiltrate). What it shows on opening it: ``04-sr.png`` and the report."""
+    """OHIF lists the SR in the study browser and its DICOM SR handler finds the measurement
+    groups: Lung, Infiltrate, the six zones and Both lungs (docs/report.md). What it shows on
+    opening it: ``04-sr.png`` and the report."""
     assert proof.sr, "no SR reached Orthanc"
     assert proof.sr["listed_in_study_browser"], proof.sr
     (display_set,) = proof.sr["ohif_display_sets"]
     assert display_set["SOPClassHandlerId"].endswith("dicom-sr"), display_set
-    assert display_set["measurements"] == 2, display_set
+    assert display_set["measurements"] == 2 + 6 + 1, display_set
 
 
 @pytest.mark.xfail(strict=True, reason="OHIF 3.13.2 reads coords[0].ReferencedSOPSequence of every "
