@@ -112,6 +112,14 @@ def test_secondary_capture_opens_as_ordinary_images(proof: ProofReport) -> None:
         assert count <= MAX_ABSENT_SHARE * _area(proof), (label, count, empty)
 
 
+def test_summary_page_opens_in_ohif(proof: ProofReport) -> None:
+    """The one-page summary (Secondary Capture) sent by the node opens in the viewport and its
+    yellow "NOT FOR PRIMARY DIAGNOSIS" is on screen (``05-summary.png``)."""
+    assert proof.summary, "no summary page reached Orthanc"
+    assert proof.summary["shown"], proof.summary
+    assert proof.summary["warning_pixels"] >= 200, proof.summary
+
+
 def test_sr_is_listed_and_parsed_by_ohif(proof: ProofReport) -> None:
     """OHIF lists the SR in the study browser and its DICOM SR handler finds the measurement
     groups: Lung, Infiltrate, the six zones and Both lungs (docs/report.md). What it shows on
