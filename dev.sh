@@ -4,8 +4,8 @@
 #   ./dev.sh run    install what the node needs and start it on its embedded defaults
 #                   (SQLite and storage in /var/lib/lungnode, CPU unless a GPU is present,
 #                   the bundled demo model, DICOM port 11112); extra arguments go to `lungnode run`
-#   ./dev.sh test   install what the tests need (DCMTK, Orthanc, dicom3tools, PostgreSQL, ...)
-#                   and run the whole test suite; extra arguments go to pytest
+#   ./dev.sh test   install what the tests need (DCMTK, Orthanc, dicom3tools, PostgreSQL, ...),
+#                   run ruff and mypy, then the whole test suite; extra arguments go to pytest
 #
 # Both are idempotent: a second call skips what is already installed.
 set -euo pipefail
@@ -59,6 +59,11 @@ case "$cmd" in
     # Node.js distribution that bundles npm is already there).
     command -v npm >/dev/null || apt_install npm
     venv_install dev
+    # Lint and types first (about half a minute); either failing fails the run.
+    echo "dev.sh: ruff check ." >&2
+    "$VENV/bin/ruff" check .
+    echo "dev.sh: mypy (config in pyproject.toml)" >&2
+    "$VENV/bin/mypy"
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?

@@ -13,7 +13,7 @@ Prints ``ready`` when listening; on SIGTERM prints the instances and bytes it re
 
 Usage::
 
-    .venv/bin/python bench/acceptor_only.py PORT
+    .venv/bin/python -m bench.acceptor_only PORT
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lungnode.node.dimse.acceptor import Acceptor, AcceptorSettings
 from lungnode.node.dimse.pdu import AssociationRequest, Command
 from lungnode.node.ingest.listener import MAX_PDU_BYTES, supported_contexts

@@ -9,7 +9,7 @@
 
 Usage::
 
-    .venv/bin/python bench/completion.py [--runs 3] [--gap-runs 1] [--jobs 400] [--skip-pg]
+    .venv/bin/python -m bench.completion [--runs 3] [--gap-runs 1] [--jobs 400] [--skip-pg]
                                          [--skip-latency]
 """
 
@@ -28,14 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from lungnode.node.dispatch.outcome import JobOutcome
+from lungnode.storage.db import Database
+from tests.node.dispatch.dispatch_helpers import clone_series, seed_series, write_config
+from tests.node_process import LungnodeProcess, free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "node" / "dispatch")]
-
-from dispatch_helpers import clone_series, seed_series, write_config  # noqa: E402
-from node_process import LungnodeProcess, _free_port, _wait_for_port  # noqa: E402
-
-from lungnode.node.dispatch.outcome import JobOutcome  # noqa: E402
-from lungnode.storage.db import Database  # noqa: E402
 
 CHEST = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data")) / "ct" / \
     "chest-30-slices-uncompressed"
@@ -125,7 +123,7 @@ def bench_claims(n_jobs: int, n_workers: int = 4) -> float:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     subprocess.run([*prefix, _pg_bin("initdb"), "-D", str(base / "data"), "-U", "lungnode",
                     "--auth=trust"], check=True, capture_output=True)
     subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(base / "data"), "-o",
@@ -133,17 +131,17 @@ def bench_claims(n_jobs: int, n_workers: int = 4) -> float:
                     "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for_port(port, 20)
+        wait_for_port(port, 20)
         url = f"postgresql+psycopg://lungnode@127.0.0.1:{port}/postgres"
         db = Database(url)
         seed_series(db, n_jobs, slices=1)
         cfg = write_config(base / "c.toml", {
             "storage": {"root": str(base / "store"), "database_url": url, "fsync": False},
-            "jobs": {"poll_s": 0.05, "local_workers": 0, "processor": "completion:noop_processor"},
+            "jobs": {"poll_s": 0.05, "local_workers": 0},
             "metrics": {"enabled": False}})
-        env = dict(os.environ, PYTHONPATH=str(REPO / "bench"))
-        procs = [subprocess.Popen([sys.executable, "-m", "lungnode.cli", "--config", str(cfg), "worker"],
-                                  env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.launch", "--processor",
+                                   "bench.completion:noop_processor", "--config", str(cfg), "worker"],
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for _ in range(n_workers)]
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

@@ -25,7 +25,7 @@ node and its listener processes) while ingesting and the load average before and
 
 Usage::
 
-    .venv/bin/python bench/ingest.py [--runs 3] [--slices 400] [--listener-processes 1 2 4]
+    .venv/bin/python -m bench.ingest [--runs 3] [--slices 400] [--listener-processes 1 2 4]
                                      [--breakdown]
 """
 
@@ -50,9 +50,9 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from tests.node_process import LungnodeProcess
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.node_process import LungnodeProcess  # noqa: E402
 
 SHARED = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -174,8 +174,8 @@ def run_lungnode(work: Path, parts: Sequence[Sequence[Path]], processes: int,
 def run_acceptor_only(parts: Sequence[Sequence[Path]]) -> float:
     """``bench/acceptor_only.py``: lungnode's network path, storing nothing."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "acceptor_only.py"), str(port)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.acceptor_only", str(port)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
     try:
         if proc.stdout.readline().strip() != "ready":

@@ -9,7 +9,7 @@ own code (:func:`lungnode.node.results.build.build_outputs`, :func:`lungnode.nod
 * build the SC overlay series (300 images);
 * send SEG + SR, and SC, to a real Orthanc on 127.0.0.1 (one association each).
 
-Usage: ``.venv/bin/python bench/results.py [--repeats 3] [--no-sc] [--no-send]``. Goal: SEG + SR
+Usage: ``.venv/bin/python -m bench.results [--repeats 3] [--no-sc] [--no-send]``. Goal: SEG + SR
 built and sent in ≤ 3 s on CPU.
 """
 
@@ -28,16 +28,14 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from lungnode.inference.dicom_io import read_series
+from lungnode.inference.types import InferenceResult, ModelInfo
+from lungnode.node.results.build import BuiltOutput, Profile, build_outputs
+from lungnode.node.results.common import OutputContext, SourceSeries
+from lungnode.node.results.seg import SegOptions
+from tests.node.results.results_factory import ball_in, measure, threshold_lungs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "node" / "results")]
-
-from results_factory import ball_in, measure, threshold_lungs  # noqa: E402
-
-from lungnode.inference.dicom_io import read_series  # noqa: E402
-from lungnode.inference.types import InferenceResult, ModelInfo  # noqa: E402
-from lungnode.node.results.build import BuiltOutput, Profile, build_outputs  # noqa: E402
-from lungnode.node.results.common import OutputContext, SourceSeries  # noqa: E402
-from lungnode.node.results.seg import SegOptions  # noqa: E402
 
 SHARED = (Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
           / "ct" / "chest-30-slices-uncompressed")

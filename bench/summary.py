@@ -32,19 +32,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lungnode.inference.dicom_io import find_series_files, read_series
+from lungnode.inference.lungmask import threshold_lung_mask
+from lungnode.inference.report import severity_for
+from lungnode.inference.types import InferenceResult, ModelInfo
+from lungnode.node.results.common import OutputContext, SourceSeries, encode
+from lungnode.node.results.sc import lung_window
+from lungnode.node.results.summary import build_pdf, build_summary_sc, page_text
+from lungnode.node.results.summary_page import render_summary
+from tests.node.results.results_factory import ball_in, measure
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "node" / "results")]
-
-from results_factory import ball_in, measure  # noqa: E402
-
-from lungnode.inference.dicom_io import find_series_files, read_series  # noqa: E402
-from lungnode.inference.lungmask import threshold_lung_mask  # noqa: E402
-from lungnode.inference.report import severity_for  # noqa: E402
-from lungnode.inference.types import InferenceResult, ModelInfo  # noqa: E402
-from lungnode.node.results.common import OutputContext, SourceSeries, encode  # noqa: E402
-from lungnode.node.results.sc import lung_window  # noqa: E402
-from lungnode.node.results.summary import build_pdf, build_summary_sc, page_text  # noqa: E402
-from lungnode.node.results.summary_page import render_summary  # noqa: E402
 
 SHARED = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 SERIES = SHARED / "ct" / "real-chest" / "lidc-idri-0002"

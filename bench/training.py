@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lungnode.training.cases import default_lesion_bank, phantom_cases
 from lungnode.training.phantom import PhantomOptions
 from lungnode.training.recipe import load_recipe

@@ -25,8 +25,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lungnode.training.phantom import PhantomOptions
 from lungnode.training.pretrain import pretrain_encoder
 from lungnode.training.recipe import load_recipe

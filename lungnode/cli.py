@@ -9,23 +9,18 @@ prints the key, value and expectation and exits 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from lungnode import __version__
+from lungnode.commands import basic, dispatch, node, ops, results, training
 from lungnode.config import Config, ConfigError, load_config
 
 #: Modules that contribute subcommands, each with ``register(subparsers) -> None``. A registered
-#: parser sets ``func(args, config) -> int`` with ``set_defaults``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "lungnode.commands.basic",
-    "lungnode.commands.training",
-    "lungnode.commands.node",
-    "lungnode.commands.ops",
-    "lungnode.commands.dispatch",
-    "lungnode.commands.results",
-)
+#: parser sets ``func(args, config) -> int`` with ``set_defaults``. They import their heavy parts
+#: inside the command functions, so building the parser stays fast.
+COMMAND_MODULES: tuple[ModuleType, ...] = (basic, training, node, ops, dispatch, results)
 
 EXIT_CONFIG = 2
 
@@ -37,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="config file (default: $LUNGNODE_CONFIG, else embedded defaults)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

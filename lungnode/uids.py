@@ -1,4 +1,5 @@
-"""DICOM UID grammar (PS3.5 §9.1), checked before any UID becomes part of a path or a row.
+"""DICOM UIDs: the grammar (PS3.5 §9.1), checked before any UID becomes part of a path or a row, and
+the standard UIDs several modules name.
 
 A UID is 1-64 characters of digit groups separated by single dots; a group is ``0`` or starts with a
 non-zero digit. Nothing else (no spaces, no trailing NUL, no path separators) is accepted.
@@ -7,6 +8,20 @@ non-zero digit. Nothing else (no spaces, no trailing NUL, no path separators) is
 from __future__ import annotations
 
 import re
+
+# Standard UIDs (PS3.6 Annex A) that more than one module names; tables of SOP classes and transfer
+# syntaxes with their names (policy, conformance) list theirs in place.
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 
 #: lungnode's Implementation Class UID (PS3.7 D.3.3.2; a UUID-derived UID under 2.25, fixed for
 #: all versions): sent in the A-ASSOCIATE-AC and written in the file meta of received instances.

@@ -1,7 +1,8 @@
 """Fixtures shared by every test area: the shared data folder, free ports, DCMTK's environment and
 a real PostgreSQL server started for the session on 127.0.0.1.
 
-Area-specific fixtures live in ``tests/<area>/conftest.py``.
+Area-specific fixtures live in ``tests/<area>/conftest.py``. ``tests`` is a package imported from
+the repository root (pytest puts the root on ``sys.path``; subprocesses run with ``cwd`` there).
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # makes `from tests.node_process import ...` work everywhere
-    sys.path.insert(0, str(REPO))
-SHARED_DATA = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+from tests.node_process import free_port, wait_for_port
 
-from tests.node_process import free_port, wait_for_port  # noqa: E402  (shared with helpers)
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LUNGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
 """Test helpers to run a real ``lungnode run`` process and to send it real DICOM.
 
-Importable from any test (``from tests.node_process import LungnodeProcess, send_files``):
+Importable from the repository root, by tests, ``bench/`` and ``tools/`` alike
+(``from tests.node_process import LungnodeProcess, send_files``; no ``sys.path`` edits):
 
 * :class:`LungnodeProcess` writes a config into a temp folder (storage root there, a free port,
   long completion quiet period, no local workers, metrics off, test peers on 127.0.0.1), starts
-  ``python -m lungnode.cli --config … run`` as a subprocess, waits for the port, and stops it with
-  SIGTERM (or ``kill -9``). Overrides are nested dicts merged into the config.
+  ``python -m lungnode.cli --config … run`` as a subprocess (``python -m tests.launch … run`` when
+  it is given test hooks), waits for the port, and stops it with SIGTERM (or ``kill -9``).
+  Overrides are nested dicts merged into the config.
 * :func:`send_files` is a pynetdicom SCU that sends files with their exact bytes (no decode, no
   re-encode; the request's SOP class/instance come from the file meta) and returns each status.
 """
@@ -20,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +105,15 @@ class LungnodeProcess:
         Nested config overrides, e.g. ``{"node": {"max_associations": 2}}``.
     port:
         DICOM port (default: a free one).
+    hooks:
+        Options of :mod:`tests.launch` (``--processor``, ``--engine``, ``--fault-before-ack``); with
+        any, the node is started through that launcher.
     """
 
     def __init__(self, workdir: Path, overrides: Mapping[str, Any] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, hooks: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir)
+        self.hooks = tuple(hooks)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.root = self.workdir / "store"
@@ -147,7 +153,8 @@ class LungnodeProcess:
         """Start ``lungnode run`` and wait until the port accepts connections."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lungnode.cli", "--config",
+        entry = ["tests.launch", *self.hooks] if self.hooks else ["lungnode.cli"]
+        self.proc = subprocess.Popen([sys.executable, "-m", *entry, "--config",
                                       str(self.config_path), "run"], stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout

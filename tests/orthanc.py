@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from node_process import free_port  # tests/ is on sys.path wherever this module is imported
+from tests.node_process import free_port  # tests/ is on sys.path wherever this module is imported
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 

@@ -62,3 +62,30 @@ def test_check_config_command_exits_2_on_bad_file(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "lungnode.cli", "--config", str(REPO / "config.toml"),
                          "check-config"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_deprecated_job_keys_still_work_and_warn_once(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from lungnode.config import load
+    from lungnode.node.dispatch.worker import Worker, run_pipeline
+    from tests.node.dispatch import dispatch_procs
+
+    assert load.warn_deprecated(load_config(REPO / "config.toml")) == []  # the shipped file is clean
+    load._warned.clear()
+    storage = f'[storage]\nroot = "{tmp_path}"\n'
+    old = storage + ('[jobs]\nprocessor = "lungnode.node.pipeline:process_job"\n'
+                     'engine_factory = "lungnode.node.pipeline:engine_from_config"\n')
+    custom = storage + f'[jobs]\nprocessor = "{dispatch_procs.__name__}:record"\n'
+    with caplog.at_level("WARNING", logger="lungnode.config.load"):
+        configs = [parse_config(old), parse_config(old), parse_config(custom)]
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warned) == 2  # once per key and process, not per load
+    assert any("jobs.processor" in m for m in warned) and any("jobs.engine_factory" in m for m in warned)
+    # The old built-in paths (modules that moved) still mean the built-in pipeline ...
+    worker = Worker(configs[0])
+    assert worker.processor is run_pipeline
+    worker.db.dispose()
+    # ... and another function is still imported and run.
+    worker = Worker(configs[2])
+    assert worker.processor is dispatch_procs.record
+    worker.db.dispose()

@@ -18,7 +18,8 @@ What it does
 5. Analyses the screenshots with numpy: segment colours present/absent, overlay inside the lung
    region of the rendered CT.
 
-Run ``.venv/bin/python tools/viewer_proof.py --out test-artifacts/viewer`` and look at the PNGs.
+Run ``.venv/bin/python -m tools.viewer_proof --out test-artifacts/viewer`` from the repository root
+and look at the PNGs.
 The test ``tests/viewer/test_ohif_viewer.py`` runs the same steps with assertions.
 
 The steps live in the package ``tools/ohif_proof`` (one module per part: ``site``, ``orthanc``,
@@ -30,10 +31,10 @@ from __future__ import annotations
 
 import sys
 
-from ohif_proof.checks import SliceCheck
-from ohif_proof.common import missing_prerequisites
-from ohif_proof.images import load_png
-from ohif_proof.proof import ProofReport, main, run_proof
+from tools.ohif_proof.checks import SliceCheck
+from tools.ohif_proof.common import missing_prerequisites
+from tools.ohif_proof.images import load_png
+from tools.ohif_proof.proof import ProofReport, main, run_proof
 
 __all__ = ["ProofReport", "SliceCheck", "load_png", "main", "missing_prerequisites", "run_proof"]
 

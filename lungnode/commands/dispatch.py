@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from lungnode.config import Config
 from lungnode.storage.db import Database
+
+if TYPE_CHECKING:
+    from lungnode.node.dispatch.worker import EngineFactory, Processor
 
 EXIT_NOT_FOUND = 1
 
@@ -23,8 +26,18 @@ def _db(config: Config) -> Database:
 
 
 def _worker(args: argparse.Namespace, config: Config) -> int:
+    return worker_command(config)
+
+
+def worker_command(config: Config, processor: Processor | None = None,
+                   engine_factory: EngineFactory | None = None) -> int:
+    """``lungnode worker``: one worker in the foreground, with the metrics endpoint.
+
+    ``processor`` and ``engine_factory`` default to the pipeline and the configured engine; the
+    tests' launcher passes its own.
+    """
     from lungnode.logs import configure_logging
-    from lungnode.node.dispatch.worker import resolve, run_worker
+    from lungnode.node.dispatch.worker import run_worker
 
     configure_logging(config, "worker %(process)d")
     from lungnode.ops import metrics
@@ -34,7 +47,6 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     folder = config.metrics.multiprocess_dir or os.environ.get(metrics.ENV_MULTIPROC, "")
     if config.metrics.enabled and folder:
         metrics.setup_multiprocess(folder, wipe=False)
-    processor = resolve(args.processor) if args.processor else None
     # Metrics: join this machine's shared folder (no wipe: a node may be running beside us) and
     # serve /metrics + /healthz unless the node on this machine already does (port taken).
     from lungnode.ops.metrics import setup_from_config
@@ -46,7 +58,7 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
     endpoint = make_worker_service(config, endpoint_db, FileStore(config.storage.root_path, fsync=False))
     endpoint.start()
     try:
-        n = run_worker(config, processor)
+        n = run_worker(config, processor, engine_factory=engine_factory)
     finally:
         endpoint.stop()
         endpoint_db.dispose()
@@ -162,8 +174,6 @@ def _dry_run(args: argparse.Namespace, config: Config) -> int:
 def register(subparsers: Any) -> None:
     """Add this module's subcommands."""
     p = subparsers.add_parser("worker", help="run an inference worker (claims jobs from the database)")
-    p.add_argument("--processor", default="", metavar="MODULE:FUNC",
-                   help="override jobs.processor (testing)")
     p.set_defaults(func=_worker)
 
     p = subparsers.add_parser("jobs", help="list jobs and their states")

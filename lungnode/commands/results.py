@@ -26,6 +26,12 @@ def _open(config: Config) -> tuple[Any, Any]:
 
 def _check_destination(args: argparse.Namespace, config: Config) -> int:
     from lungnode.node.dimse.scu import SOP_NAMES, TS_NAMES, check_destination
+    from lungnode.uids import (
+        COMPREHENSIVE_SR_STORAGE,
+        ENCAPSULATED_PDF_STORAGE,
+        SECONDARY_CAPTURE_STORAGE,
+        SEGMENTATION_STORAGE,
+    )
 
     try:
         dest = config.destination(args.name)
@@ -44,9 +50,8 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
     for label, pairs in (("accepted", report.accepted), ("rejected", report.rejected)):
         for sop, ts in pairs:
             print(f"  {label:8s} {SOP_NAMES.get(sop, sop)} in {TS_NAMES.get(ts, ts)}")
-    needed = {"seg": "1.2.840.10008.5.1.4.1.1.66.4", "sr": "1.2.840.10008.5.1.4.1.1.88.33",
-              "sc": "1.2.840.10008.5.1.4.1.1.7", "summary": "1.2.840.10008.5.1.4.1.1.7",
-              "pdf": "1.2.840.10008.5.1.4.1.1.104.1"}
+    needed = {"seg": SEGMENTATION_STORAGE, "sr": COMPREHENSIVE_SR_STORAGE, "sc": SECONDARY_CAPTURE_STORAGE,
+              "summary": SECONDARY_CAPTURE_STORAGE, "pdf": ENCAPSULATED_PDF_STORAGE}
     accepted = {sop for sop, _ in report.accepted}
     missing = [obj for obj in dest.objects if needed[obj] not in accepted]
     if missing:

@@ -23,7 +23,6 @@ Sections
 """
 
 from lungnode.config.dispatch import (
-    CT_IMAGE_STORAGE,
     CompletionConfig,
     InferenceConfig,
     JobsConfig,
@@ -43,7 +42,7 @@ from lungnode.config.results import (
 from lungnode.config.typed_toml import ConfigError
 
 __all__ = [
-    "CT_IMAGE_STORAGE", "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
     "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
     "PeerConfig", "PriorsConfig", "QualityGateConfig", "ReportConfig", "ResultsConfig",
     "RetentionConfig", "RuleConfig", "StorageConfig", "TlsConfig", "config_path", "load_config",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lungnode.config.checks import check_range
 from lungnode.config.typed_toml import ConfigError
+from lungnode.uids import CT_IMAGE_STORAGE
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ class RuleConfig:
                                   f"a valid regular expression ({exc})") from None
 
 
-#: SOP classes of single-frame CT slices the pipeline reads (CT Image Storage).
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def default_rules() -> tuple[RuleConfig, ...]:
@@ -120,14 +119,17 @@ class JobsConfig:
     local_workers: int = 1
     #: Seconds an idle worker sleeps between polls of the job table.
     poll_s: float = 1.0
-    #: What a worker runs for a claimed job: ``module:function(job_pk, ctx) -> JobOutcome``.
-    processor: str = "lungnode.node.dispatch.pipeline:process_job"
-    #: Builds the inference engine once per worker process on first use: ``module:function(config)``.
-    engine_factory: str = "lungnode.node.dispatch.pipeline:engine_from_config"
+    #: Deprecated (kept for one release, logged when set): ``module:function(job_pk, ctx)`` run per
+    #: job instead of the pipeline. Empty = the pipeline.
+    processor: str = ""
+    #: Deprecated (kept for one release, logged when set): ``module:function(config)`` building the
+    #: engine. Empty = the engine of ``[inference]``.
+    engine_factory: str = ""
 
     def validate(self, key: str) -> None:
         for name in ("processor", "engine_factory"):
-            if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", getattr(self, name)):
+            value = getattr(self, name)
+            if value and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
                 raise ConfigError(f"{key}.{name}", getattr(self, name), "a 'package.module:function' path")
         for i, delay in enumerate(self.retry_delays_s):
             check_range(f"{key}.retry_delays_s[{i}]", delay, 0.0, 7 * 86400)

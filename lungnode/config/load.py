@@ -7,6 +7,7 @@ embedded defaults, and raises :class:`ConfigError` naming the key, the value and
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -25,6 +26,29 @@ from lungnode.config.results import (
 from lungnode.config.typed_toml import ConfigError, build_dataclass
 
 ENV_CONFIG = "LUNGNODE_CONFIG"
+
+log = logging.getLogger(__name__)
+
+#: Keys that still work for one release; setting one logs a warning (once per process).
+DEPRECATED_KEYS = {
+    "jobs.processor": "the pipeline is built in; tests and benchmarks pass their own processor "
+                      "through their launcher",
+    "jobs.engine_factory": "the engine is built from [inference]; tests pass their own engine "
+                           "through their launcher",
+}
+_warned: set[str] = set()
+
+
+def warn_deprecated(config: Config) -> list[str]:
+    """Log each deprecated key ``config`` sets (once per process); return the keys set."""
+    used = [key for key in DEPRECATED_KEYS
+            if getattr(getattr(config, key.split(".")[0]), key.split(".")[1])]
+    for key in used:
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("config key %s is deprecated and will be removed in the next release (%s); "
+                        "remove it from %s", key, DEPRECATED_KEYS[key], config.source or "the config")
+    return used
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,7 @@ def parse_config(text: str, source: str | None = None) -> Config:
     config = build_dataclass(Config, table, "")
     config = dataclasses.replace(config, source=source)
     config.validate()
+    warn_deprecated(config)
     return config
 
 

@@ -28,7 +28,9 @@ and the engine resamples using them, never assuming a constant step.
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +41,9 @@ __all__ = [
     "GeometryPolicy",
     "GeometryReport",
     "check_slice_geometry",
+    "median_slice_step_mm",
+    "slice_normal",
+    "tilt_from_axial_deg",
 ]
 
 
@@ -303,3 +308,39 @@ def angle_between_deg(a: Sequence[float], b: Sequence[float]) -> float:
     va, vb = np.asarray(a, float), np.asarray(b, float)
     c = float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
     return math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+# Tolerant measurements for describing a series that may not pass :func:`check_slice_geometry`
+# (selection rules describe every series, usable or not). Plain floats, no numpy.
+
+def slice_normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
+    """Unit slice normal (row direction x column direction) of an ImageOrientationPatient.
+
+    Returns ``None`` when ``orientation`` does not have six values or its vectors are parallel.
+    """
+    if len(orientation) != 6:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    length = math.sqrt(sum(v * v for v in n))
+    if length < 1e-6:
+        return None
+    return (n[0] / length, n[1] / length, n[2] / length)
+
+
+def tilt_from_axial_deg(normal: Sequence[float]) -> float:
+    """Angle in degrees between a unit slice normal and the patient z axis (0 = axial)."""
+    return math.degrees(math.acos(min(1.0, abs(normal[2]))))
+
+
+def median_slice_step_mm(positions: Sequence[Sequence[float] | None],
+                         normal: Sequence[float]) -> float | None:
+    """Median distance between consecutive slice positions along ``normal``.
+
+    Positions that are ``None`` or not 3 values are skipped, steps under 1 micrometre (duplicate
+    positions) ignored; ``None`` when no step remains.
+    """
+    along = sorted(sum(p * n for p, n in zip(pos, normal, strict=True))
+                   for pos in positions if pos is not None and len(pos) == 3)
+    steps = [b - a for a, b in itertools.pairwise(along) if b - a > 1e-3]
+    return float(statistics.median(steps)) if steps else None

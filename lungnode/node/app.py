@@ -2,51 +2,45 @@
 
 :class:`NodeApp` opens the database and file store, recovers from a crash (removes temp files,
 indexes files without rows, closes association rows left open), starts the listener (see
-:mod:`lungnode.node.ingest.listener`), then every service named in :data:`SERVICE_FACTORIES`. On SIGTERM or
+:mod:`lungnode.node.ingest.listener`), then every service of :data:`DEFAULT_SERVICES` (or the
+factories it is given: the tests' launcher swaps in its own worker pool and sender). On SIGTERM or
 SIGINT it stops the listener first (no new associations; open ones get ``node.shutdown_grace_s``),
 then the services in reverse order, and writes the clean-shutdown marker.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import cast
 
 from lungnode.config import Config
+from lungnode.node.dispatch import completion, worker
 from lungnode.node.ingest.catalog import Catalog
 from lungnode.node.ingest.listener import Listener, ingest_file_store
+from lungnode.node.results import delivery
 from lungnode.node.service import Service
+from lungnode.ops import retention, server
 from lungnode.ops.metrics import setup_from_config
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-#: Extra services ``lungnode run`` starts after the listener, as ``"module:function"`` paths to
-#: ``make_service(config: Config, db: Database, store: FileStore) -> Service``. Other areas append
-#: theirs (completion scheduler, local worker pool, delivery sender, metrics server, retention).
-SERVICE_FACTORIES: list[str] = [
-    "lungnode.node.dispatch.completion:make_service",
-    "lungnode.node.dispatch.worker:make_service",
-    "lungnode.node.results.delivery:make_service",
-    "lungnode.ops.server:make_service",
-    "lungnode.ops.retention:make_service",
-]
-
+#: ``make_service(config, db, store) -> Service``: builds one background service.
 ServiceFactory = Callable[[Config, Database, FileStore], Service]
 
-
-def load_factory(path: str) -> ServiceFactory:
-    """Import ``"module:function"``."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"service factory {path!r} is not 'module:function'")
-    return cast(ServiceFactory, getattr(importlib.import_module(module_name), attr))
+#: The services ``lungnode run`` starts after the listener, in this order (stopped in reverse):
+#: completion scheduler, local worker pool, delivery sender, metrics/health server, retention.
+DEFAULT_SERVICES: tuple[ServiceFactory, ...] = (
+    completion.make_service,
+    worker.make_service,
+    delivery.make_service,
+    server.make_service,
+    retention.make_service,
+)
 
 
 class NodeApp:
@@ -56,10 +50,13 @@ class NodeApp:
     ----------
     config:
         The validated configuration.
+    services:
+        The service factories to start after the listener (default :data:`DEFAULT_SERVICES`).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, services: Sequence[ServiceFactory] = DEFAULT_SERVICES) -> None:
         self.config = config
+        self.service_factories = tuple(services)
         self.db = Database(config.storage.effective_database_url)
         self.store = ingest_file_store(config)
         self.catalog = Catalog(self.db, self.store, config.completion.quiet_period_s)
@@ -73,7 +70,7 @@ class NodeApp:
         counts = self.catalog.reconcile()
         closed = self.catalog.close_open_associations("interrupted")
         if removed or closed or counts["indexed"] or counts["deleted"]:
-            LOG.warning("recovery: %d temp file(s) removed, %d file(s) indexed, %d deleted, "
+            log.warning("recovery: %d temp file(s) removed, %d file(s) indexed, %d deleted, "
                         "%d association row(s) closed", removed, counts["indexed"], counts["deleted"],
                         closed)
         return {"temp_removed": removed, "associations_closed": closed, **counts}
@@ -84,11 +81,11 @@ class NodeApp:
         setup_from_config(self.config.storage.root, self.config.metrics.multiprocess_dir)
         self.recover()
         self.listener.start()
-        for path in SERVICE_FACTORIES:
-            service = load_factory(path)(self.config, self.db, self.store)
+        for factory in self.service_factories:
+            service = factory(self.config, self.db, self.store)
             service.start()
             self.services.append(service)
-            LOG.info("service %s started", service.name)
+            log.info("service %s started", service.name)
 
     def stop(self) -> None:
         """Stop the listener (grace for open associations), then the services in reverse order."""
@@ -98,7 +95,7 @@ class NodeApp:
             try:
                 service.stop(grace)
             except Exception:
-                LOG.exception("service %s did not stop cleanly", service.name)
+                log.exception("service %s did not stop cleanly", service.name)
         self.services.clear()
         self.catalog.close_open_associations("aborted-shutdown")
         self.catalog.mark_clean_shutdown()
@@ -106,7 +103,7 @@ class NodeApp:
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Signal handler: ask :meth:`run` to stop."""
-        LOG.info("signal %d: stopping (grace %.0f s)", signum, self.config.node.shutdown_grace_s)
+        log.info("signal %d: stopping (grace %.0f s)", signum, self.config.node.shutdown_grace_s)
         self._stop.set()
 
     def run(self) -> int:
@@ -116,15 +113,15 @@ class NodeApp:
         try:
             self.start()
         except Exception:
-            LOG.exception("node did not start")
+            log.exception("node did not start")
             self.listener.stop(0.1)
             return 1
-        LOG.info("lungnode running (AE %s, port %d, %d listener process(es))", self.config.node.ae_title,
+        log.info("lungnode running (AE %s, port %d, %d listener process(es))", self.config.node.ae_title,
                  self.config.node.port, self.config.node.listener_processes)
         while not self._stop.wait(1.0):
             pass
         self.stop()
-        LOG.info("lungnode stopped")
+        log.info("lungnode stopped")
         # Everything is stopped and recorded. A late SIGTERM (a supervisor repeating it) must not
         # turn the clean exit into a kill: at interpreter exit Python puts back the default
         # action of every signal it handled, but leaves ignored ones ignored.

@@ -1,7 +1,7 @@
 """The contract of a service that ``lungnode run`` starts beside the listener.
 
-Each area contributes a factory ``make_service(config, db, store) -> Service`` listed (as a dotted
-``"module:function"`` path) in :data:`lungnode.node.app.SERVICE_FACTORIES`. :class:`NodeApp
+Each area contributes a factory ``make_service(config, db, store) -> Service`` listed (imported,
+as a function) in :data:`lungnode.node.app.DEFAULT_SERVICES`. :class:`NodeApp
 <lungnode.node.app.NodeApp>` starts services in list order after the listener and stops them in
 reverse order after the listener has stopped.
 """

@@ -42,7 +42,7 @@ from sqlalchemy import func, or_, select
 from lungnode.config import Config
 from lungnode.ops import metrics
 from lungnode.storage.db import Database
-from lungnode.storage.models import Job, utcnow
+from lungnode.storage.models import Job, aware, utcnow
 
 #: Seconds a whole health probe may take; unfinished checks count as failed.
 DEADLINE_S = 10.0
@@ -81,11 +81,6 @@ class HealthReport:
 
 Check = Callable[[], CheckResult]
 
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def check_database(db: Database, timeout_s: float = 5.0) -> CheckResult:
@@ -195,7 +190,7 @@ def check_workers(db: Database, *, local_workers: int, stale_s: float, stall_s: 
                             f"{stale_s:g} s")
     try:
         with db.session() as s:
-            oldest_due = _aware(s.scalar(select(func.min(Job.not_before)).where(
+            oldest_due = aware(s.scalar(select(func.min(Job.not_before)).where(
                 Job.state == "queued", Job.not_before <= now)))
             if oldest_due is not None and (now - oldest_due).total_seconds() > stall_s:
                 horizon = now - dt.timedelta(seconds=stall_s)

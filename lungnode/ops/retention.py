@@ -43,7 +43,7 @@ from lungnode.config import Config
 from lungnode.ops import metrics
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
-from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, utcnow
+from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ PROTECTING_JOB_STATES = ("queued", "running", "held")
 #: Seconds a file's mtime may lie after a unit's age before it counts as re-written.
 MTIME_SLACK_S = 120.0
 
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -128,14 +123,14 @@ def candidates(db: Database, root: Path) -> list[Unit]:
                                        .where(Series.state != "receiving")):
             if uid in protected:
                 continue
-            units.append(Unit("series", uid, _aware(last) or utcnow(), tuple(paths.get(pk, ())),
+            units.append(Unit("series", uid, aware(last) or utcnow(), tuple(paths.get(pk, ())),
                               sizes.get(pk, 0)))
         protected_jobs = _protected_jobs(s)
         outputs: dict[int, list[str]] = {}
         newest: dict[int, dt.datetime] = {}
 
         def _newer(job_pk: int, when: dt.datetime | None) -> None:
-            when = _aware(when)
+            when = aware(when)
             if when is not None and (job_pk not in newest or when > newest[job_pk]):
                 newest[job_pk] = when
 
@@ -205,7 +200,7 @@ def _delete_series_rows(s: Session, unit: Unit) -> bool:
     if series is None:
         return True
     if (series.state == "receiving" or unit.key in _protected_series(s)
-            or (_aware(series.last_received_at) or unit.age_at) > unit.age_at):
+            or (aware(series.last_received_at) or unit.age_at) > unit.age_at):
         return False
     study_pk = series.study_pk
     s.execute(delete(Instance).where(Instance.series_pk == series.id))
@@ -363,5 +358,5 @@ class RetentionService:
 
 
 def make_service(config: Config, db: Database, store: Any) -> RetentionService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: the scheduled cleanup."""
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the scheduled cleanup."""
     return RetentionService(config, db)

@@ -13,7 +13,7 @@ Prometheus server, e.g. through a firewall rule or a reverse proxy).
     ``200`` with ``{"status": "ok", …}`` or ``503`` with ``{"status": "unhealthy", …}`` and the
     detail of each check (:mod:`lungnode.ops.health`). No patient data in either.
 
-:func:`make_service` is the ``SERVICE_FACTORIES`` entry for ``lungnode run``.
+:func:`make_service` is the ``DEFAULT_SERVICES`` entry for ``lungnode run``.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class MetricsService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> MetricsService:
-    """``SERVICE_FACTORIES`` entry of ``lungnode run``: the endpoint with every node check.
+    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the endpoint with every node check.
 
     Parameters
     ----------

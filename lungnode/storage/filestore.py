@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lungnode.uids import require_uid
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
 #: Alignment of ``O_DIRECT`` writes: file offsets, lengths and buffer addresses are multiples of
@@ -218,7 +218,7 @@ class FileStore:
         #: Whether :meth:`open_direct` writes with ``O_DIRECT`` (asked for, fsync on, supported).
         self.direct_io = bool(direct_io and fsync and supports_direct_io(self.tmp))
         if direct_io and fsync and not self.direct_io:
-            LOG.info("the storage root's filesystem does not take O_DIRECT: page-cache writes")
+            log.info("the storage root's filesystem does not take O_DIRECT: page-cache writes")
         self.staging = StagingPool()
 
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> str:

@@ -81,8 +81,7 @@ def test_metrics_follow_a_real_series(tmp_path: Path, chest_ct_dir: Path, pacs: 
     metrics_port = free_port()
     overrides = {
         "completion": {"quiet_period_s": 20.0, "grace_s": 1.0, "poll_s": 0.1},
-        "jobs": {"local_workers": 1, "poll_s": 0.2,
-                 "engine_factory": "lungnode.node.dispatch.pipeline:engine_from_config"},
+        "jobs": {"local_workers": 1, "poll_s": 0.2},
         "inference": {"model": str(bundle), "device": "cpu", "threads": 1},
         "results": {"quality_gate": {"enabled": False}},
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,

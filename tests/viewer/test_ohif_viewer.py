@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import viewer_proof
-from viewer_proof import ProofReport, SliceCheck
+
+from tools import viewer_proof
+from tools.viewer_proof import ProofReport, SliceCheck
 
 # The first test also runs the module fixture (the whole proof: ~2 min here, more on a busy machine).
 pytestmark = [pytest.mark.viewer, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -33,10 +34,10 @@ def proof(viewer_prerequisites: None, viewer_artifacts: Path, chest_ct_dir: Path
           dcmtk_env: dict[str, str]) -> ProofReport:
     """The whole viewer run through ``lungnode run`` (once for the module).
 
-    The node runs with the threshold stand-in engine (``jobs.engine_factory``): everything is the
+    The node runs with the threshold stand-in engine (``tests/launch.py --engine``): everything is the
     real node (listener, completion, job, SEG/SR/SC builders, delivery) except the segmentation, so
     the masks are exact (a threshold lung mask and a known infiltrate) and the pixel-placement
-    thresholds below are calibrated on them. ``tools/viewer_proof.py --engine model`` runs the same
+    thresholds below are calibrated on them. ``python -m tools.viewer_proof --engine model`` runs the same
     flow with the bundled demo model (README picture).
     """
     report = viewer_proof.run_proof(viewer_artifacts, source="node", ct_dir=chest_ct_dir,
@@ -54,7 +55,7 @@ def _by_name(checks: list[SliceCheck], name: str) -> SliceCheck:
 
 def _area(report: ProofReport) -> int:
     """Screen pixels of one displayed CT image (to scale the 'absent' tolerance)."""
-    from viewer_proof import load_png
+    from tools.viewer_proof import load_png
 
     shot = load_png(Path(_by_name(report.seg_slices, "content").screenshot))
     return int(shot.shape[0] * shot.shape[1])

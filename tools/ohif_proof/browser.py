@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ohif_proof.common import CHROMEDRIVER, CHROMIUM, OHIF_BASE, WINDOW, ImageU8, log, wait_until
-from ohif_proof.images import load_png
+from tools.ohif_proof.common import CHROMEDRIVER, CHROMIUM, OHIF_BASE, WINDOW, ImageU8, log, wait_until
+from tools.ohif_proof.images import load_png
 
 
 def start_chromium(profile: Path, window: tuple[int, int] = WINDOW) -> Any:

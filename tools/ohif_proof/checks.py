@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ohif_proof.browser import ViewportState
-from ohif_proof.common import RGB, ImageU8, Mask
-from ohif_proof.images import SegTruth, colour_mask, rendered_lung_region
+from tools.ohif_proof.browser import ViewportState
+from tools.ohif_proof.common import RGB, ImageU8, Mask
+from tools.ohif_proof.images import SegTruth, colour_mask, rendered_lung_region
 
 
 def resize_mask(mask: Mask, shape: tuple[int, int]) -> Mask:

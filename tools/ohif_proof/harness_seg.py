@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ohif_proof.common import RGB, Mask, dark_inside_body
+from tools.ohif_proof.common import RGB, Mask, dark_inside_body
 
 #: Colours of the harness SEG (the node's own SEG carries its colours; the checks read them from it).
 HARNESS_LUNG_RGB: RGB = (128, 174, 255)

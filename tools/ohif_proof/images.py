@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ohif_proof.common import RGB, ImageU8, Mask, dark_inside_body
+from tools.ohif_proof.common import RGB, ImageU8, Mask, dark_inside_body
 
 
 def cielab_to_rgb(lab16: Sequence[int]) -> RGB:

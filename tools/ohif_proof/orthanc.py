@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ohif_proof.common import DICOMWEB_PLUGIN, OHIF_BASE, SERVE_FOLDERS_PLUGIN, free_port, wait_until
+from tools.ohif_proof.common import DICOMWEB_PLUGIN, OHIF_BASE, SERVE_FOLDERS_PLUGIN, free_port, wait_until
 
 
 @dataclass

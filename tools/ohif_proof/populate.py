@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ohif_proof.common import REPO, Mask, log, wait_until
-from ohif_proof.harness_seg import make_harness_seg, threshold_lung_mask
-from ohif_proof.orthanc import Orthanc
+from tools.ohif_proof.common import REPO, Mask, log, wait_until
+from tools.ohif_proof.harness_seg import make_harness_seg, threshold_lung_mask
+from tools.ohif_proof.orthanc import Orthanc
 
 SOURCES = ("node", "builders", "harness")
 
@@ -69,7 +68,7 @@ def threshold_result(files: Sequence[Path]) -> Any:
 
 
 class ThresholdEngine:
-    """Stand-in inference engine for ``lungnode run`` (``jobs.engine_factory``) while no model
+    """Stand-in inference engine for ``lungnode run`` (given by ``tests/launch.py --engine``) while no model
     bundle is available: :func:`threshold_result` on the job's files."""
 
     def run(self, files: Sequence[Path]) -> Any:
@@ -78,7 +77,7 @@ class ThresholdEngine:
 
 
 def threshold_engine(config: Any) -> ThresholdEngine:
-    """``jobs.engine_factory = "ohif_proof.populate:threshold_engine"`` (``tools/`` on PYTHONPATH)."""
+    """``python -m tests.launch --engine tools.ohif_proof.populate:threshold_engine``."""
     return ThresholdEngine()
 
 
@@ -116,13 +115,12 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
     into Orthanc.
 
     ``engine``: ``model`` (the node's configured model), ``threshold`` (:class:`ThresholdEngine`
-    through ``jobs.engine_factory``: everything real except the segmentation), or ``auto`` (the model
+    through ``tests/launch.py --engine``: everything real except the segmentation), or ``auto`` (the model
     when :data:`DEMO_MODEL` exists). ``destination``: extra keys of the ``[[destinations]]`` entry
     (e.g. ``{"omit_empty_frames": True}``). Returns (engine used, the node's log). Raises TimeoutError when
     the results do not arrive.
     """
-    sys.path.insert(0, str(REPO / "tests"))
-    from node_process import LungnodeProcess
+    from tests.node_process import LungnodeProcess
 
     n_ct = len(list(ct_dir.glob("*.dcm")))
     if engine == "auto":
@@ -131,11 +129,6 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
     if engine == "threshold":
         log.warning("lungnode run with the threshold stand-in engine (model bundle %s %s)",
                     DEMO_MODEL, "exists" if DEMO_MODEL.is_file() else "is missing")
-        jobs["engine_factory"] = "ohif_proof.populate:threshold_engine"
-    old_pythonpath = os.environ.get("PYTHONPATH")
-    if engine == "threshold":  # the node and its workers import ohif_proof from tools/
-        paths = [str(REPO / "tools"), *filter(None, (old_pythonpath or "").split(":"))]
-        os.environ["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
     overrides = {
         "completion": {"quiet_period_s": 5.0, "grace_s": 1.0},
         "jobs": jobs,
@@ -149,14 +142,9 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
     else:  # the phantom-trained demo model puts about 22 % of its infiltrate on this real CT just
         # outside the lungs (mediastinum, hila), which the default gate (20 %) holds back
         overrides["results"] = {"quality_gate": {"max_outside_fraction": 0.5}}
-    node = LungnodeProcess(workdir / "node", overrides)
-    try:
-        node.start()
-    finally:  # the environment of the calling process is left as it was
-        if old_pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pythonpath
+    hooks = ("--engine", "tools.ohif_proof.populate:threshold_engine") if engine == "threshold" else ()
+    node = LungnodeProcess(workdir / "node", overrides, hooks=hooks)
+    node.start()
     try:
         env = dict(os.environ, TCP_NODELAY="1")
         subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",

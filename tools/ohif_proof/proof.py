@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ohif_proof.browser import OhifPage, start_chromium
-from ohif_proof.checks import SliceCheck, analyse_seg_slice, colour_counts
-from ohif_proof.common import (
+from tools.ohif_proof.browser import OhifPage, start_chromium
+from tools.ohif_proof.checks import SliceCheck, analyse_seg_slice, colour_counts
+from tools.ohif_proof.common import (
     DEFAULT_CACHE,
     OHIF_BASE,
     OHIF_VERSION,
@@ -31,10 +31,10 @@ from ohif_proof.common import (
     missing_prerequisites,
     wait_until,
 )
-from ohif_proof.images import SegTruth, colour_mask, read_seg_truth, rendered_lung_region
-from ohif_proof.orthanc import Orthanc, running_orthanc
-from ohif_proof.populate import SOURCES, populate_builders, populate_harness, populate_node
-from ohif_proof.site import fetch_ohif, prepare_site
+from tools.ohif_proof.images import SegTruth, colour_mask, read_seg_truth, rendered_lung_region
+from tools.ohif_proof.orthanc import Orthanc, running_orthanc
+from tools.ohif_proof.populate import SOURCES, populate_builders, populate_harness, populate_node
+from tools.ohif_proof.site import fetch_ohif, prepare_site
 
 
 @dataclass

@@ -11,7 +11,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ohif_proof.common import DEFAULT_CACHE, OHIF_BASE, OHIF_INTEGRITY, OHIF_ROUTES, OHIF_VERSION, log
+from tools.ohif_proof.common import DEFAULT_CACHE, OHIF_BASE, OHIF_INTEGRITY, OHIF_ROUTES, OHIF_VERSION, log
 
 APP_CONFIG = """/* Written by tools/viewer_proof.py: OHIF {version} on Orthanc's origin (ServeFolders). */
 window.config = {{

@@ -31,7 +31,7 @@ from lungnode.node.dimse import pdu
 from lungnode.node.dimse.pdu import AssociationRequest, Command, ProtocolError
 from lungnode.ops import metrics
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Largest piece of a data set PDV read and handed to a sink at once.
 CHUNK_BYTES = 1 << 20
@@ -199,13 +199,13 @@ class Acceptor:
             except OSError:
                 if self._stopping.is_set():
                     return
-                LOG.exception("accept failed")
+                log.exception("accept failed")
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Connection(sock, str(address[0]))
             with self._lock:
                 if len(self._connections) >= self.settings.max_connections:
-                    LOG.warning("connection from %s closed: %d connections open", conn.peer,
+                    log.warning("connection from %s closed: %d connections open", conn.peer,
                                 len(self._connections))
                     sock.close()
                     continue
@@ -218,7 +218,7 @@ class Acceptor:
         try:
             self._serve_connection(conn)
         except Exception:
-            LOG.exception("association thread failed (peer %s)", conn.peer)
+            log.exception("association thread failed (peer %s)", conn.peer)
         finally:
             conn.state = "closed"
             with contextlib.suppress(OSError):
@@ -234,7 +234,7 @@ class Acceptor:
             try:
                 sock = conn.sock = settings.ssl_context.wrap_socket(sock, server_side=True)
             except (OSError, ssl.SSLError) as exc:
-                LOG.warning("TLS handshake from %s failed: %s", conn.peer, exc)
+                log.warning("TLS handshake from %s failed: %s", conn.peer, exc)
                 metrics.ASSOCIATIONS.labels(outcome="tls-failed").inc()
                 return
         reader: IO[bytes] = sock.makefile("rb", buffering=READ_BUFFER_BYTES)  # type: ignore[assignment]
@@ -271,14 +271,14 @@ class Acceptor:
             header = _read_exact(reader, 6)
             pdu_type, length = pdu.pdu_header(header)
             if pdu_type != pdu.A_ASSOCIATE_RQ_TYPE or length > pdu.MAX_ASSOCIATE_RQ_BYTES:
-                LOG.warning("connection from %s: expected A-ASSOCIATE-RQ, got PDU type 0x%02X (%d bytes)",
+                log.warning("connection from %s: expected A-ASSOCIATE-RQ, got PDU type 0x%02X (%d bytes)",
                             conn.peer, pdu_type, length)
                 with contextlib.suppress(OSError):
                     conn.send(pdu.abort_pdu(reason=pdu.ABORT_REASON_UNEXPECTED_PDU))
                 return None
             return self.negotiator.decode(header + _read_exact(reader, length))
         except ProtocolError as exc:
-            LOG.warning("connection from %s: %s", conn.peer, exc)
+            log.warning("connection from %s: %s", conn.peer, exc)
             with contextlib.suppress(OSError):
                 conn.send(pdu.abort_pdu(reason=exc.reason))
             return None
@@ -317,7 +317,7 @@ class _DataPhase:
         try:
             return self._loop()
         except ProtocolError as exc:
-            LOG.warning("association with %s aborted: %s", self.conn.peer, exc)
+            log.warning("association with %s aborted: %s", self.conn.peer, exc)
             with contextlib.suppress(OSError):
                 self.conn.send(pdu.abort_pdu(reason=exc.reason))
             return "aborted"

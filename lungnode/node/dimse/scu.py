@@ -17,12 +17,21 @@ from pathlib import Path
 from pynetdicom import AE, _config
 
 from lungnode.config import DestinationConfig, TlsConfig
+from lungnode.uids import (
+    COMPREHENSIVE_SR_STORAGE,
+    ENCAPSULATED_PDF_STORAGE,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    JPEG2000_LOSSLESS,
+    SECONDARY_CAPTURE_STORAGE,
+    SEGMENTATION_STORAGE,
+    VERIFICATION,
+)
 
 log = logging.getLogger(__name__)
 
 #: C-STORE statuses meaning "stored" (success, and warnings: coercion, elements discarded).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 class LeaseLostError(RuntimeError):
@@ -153,18 +162,17 @@ class DestinationCheck:
 #: What ``check-destination`` proposes: SEG (explicit, JPEG 2000 lossless), Comprehensive SR, SC,
 #: Encapsulated PDF.
 CHECK_CONTEXTS = (
-    ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.1"),
-    ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.1.2.4.90"),
-    ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.1.2.1"),
-    ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1"),
-    ("1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.1.2.1"),
+    (SEGMENTATION_STORAGE, EXPLICIT_VR_LE),
+    (SEGMENTATION_STORAGE, JPEG2000_LOSSLESS),
+    (COMPREHENSIVE_SR_STORAGE, EXPLICIT_VR_LE),
+    (SECONDARY_CAPTURE_STORAGE, EXPLICIT_VR_LE),
+    (ENCAPSULATED_PDF_STORAGE, EXPLICIT_VR_LE),
 )
-SOP_NAMES = {"1.2.840.10008.5.1.4.1.1.66.4": "Segmentation", "1.2.840.10008.1.1": "Verification",
-             "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
-             "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
-             "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF"}
-TS_NAMES = {"1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-            "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless", "1.2.840.10008.1.2": "Implicit VR"}
+SOP_NAMES = {SEGMENTATION_STORAGE: "Segmentation", VERIFICATION: "Verification",
+             COMPREHENSIVE_SR_STORAGE: "Comprehensive SR", SECONDARY_CAPTURE_STORAGE: "Secondary Capture",
+             ENCAPSULATED_PDF_STORAGE: "Encapsulated PDF"}
+TS_NAMES = {EXPLICIT_VR_LE: "Explicit VR Little Endian", JPEG2000_LOSSLESS: "JPEG 2000 Lossless",
+            IMPLICIT_VR_LE: "Implicit VR"}
 
 
 def check_destination(dest: DestinationConfig, timeout: float = 30.0) -> DestinationCheck:

@@ -42,12 +42,13 @@ from sqlalchemy.orm import Session
 from lungnode.config import CompletionConfig, Config
 from lungnode.inference.geometry import GeometryError, GeometryPolicy, check_slice_geometry
 from lungnode.node.dispatch import jobs
-from lungnode.node.dispatch.rules import Decision, _floats, decide, load_features
+from lungnode.node.dispatch.rules import Decision, decide, load_features
+from lungnode.node.ingest.fields import split_numbers
 from lungnode.ops.metrics import SERIES_COMPLETED, STAGE_SECONDS
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
-from lungnode.storage.models import AssociationRecord, Instance, Series, utcnow
+from lungnode.storage.models import AssociationRecord, Instance, Series, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def geometry_evidence(instances: Sequence[Instance], cfg: CompletionConfig) -> t
         return False, f"{len(instances)} instances but ImagesInAcquisition = {max(expected)}"
     positions, orientations, sizes = [], [], []
     for i in instances:
-        pos, ori = _floats(i.image_position), _floats(i.image_orientation)
+        pos, ori = split_numbers(i.image_position), split_numbers(i.image_orientation)
         if pos is None or ori is None or i.rows is None or i.columns is None:
             return False, "position, orientation or size missing"
         positions.append(pos)
@@ -156,7 +157,7 @@ def fire_series(db: Database, config: Config, model: jobs.ModelIdentity, series_
         record_event(s, "series_complete", study_uid=series.study.study_uid,
                      series_uid=series.series_uid, job_pk=job_pk, decision=decision.action,
                      rule=decision.rule, job_created=created)
-        waited = (now - (jobs.aware(series.last_received_at) or now)).total_seconds()
+        waited = (now - (aware(series.last_received_at) or now)).total_seconds()
         uid = series.series_uid
     SERIES_COMPLETED.labels("own" if decision.rule == OWN_OUTPUT_RULE else decision.action).inc()
     STAGE_SECONDS.labels("receive_to_complete").observe(max(0.0, waited))
@@ -189,8 +190,8 @@ def early_completion(s: Session, cfg: CompletionConfig, series_pk: int) -> dt.da
         return None  # an association that brought instances is still open
     if not any(_released(r.outcome) for r in records):
         return None
-    ended = max(a for a in (jobs.aware(r.ended_at) for r in records) if a is not None)
-    last = jobs.aware(series.last_received_at)
+    ended = max(a for a in (aware(r.ended_at) for r in records) if a is not None)
+    last = aware(series.last_received_at)
     if last is not None and last > ended:
         return None
     instances = s.scalars(select(Instance).where(Instance.series_pk == series_pk,
@@ -200,7 +201,7 @@ def early_completion(s: Session, cfg: CompletionConfig, series_pk: int) -> dt.da
         log.debug("series %s keeps its quiet period: %s", series.series_uid, why)
         return None
     due = ended + dt.timedelta(seconds=cfg.grace_s)
-    current = jobs.aware(series.completion_due_at)
+    current = aware(series.completion_due_at)
     if current is not None and current <= due:
         return None
     s.execute(update(Series).where(Series.id == series_pk, Series.state == "receiving",
@@ -246,7 +247,7 @@ class CompletionService:
             missing = s.scalars(select(Series).where(Series.state == "receiving",
                                                      Series.completion_due_at.is_(None))).all()
             for series in missing:
-                series.completion_due_at = (jobs.aware(series.last_received_at) or utcnow()) + quiet
+                series.completion_due_at = (aware(series.last_received_at) or utcnow()) + quiet
             pending = len(s.scalars(select(Series.id).where(Series.state == "receiving")).all())
         log.info("completion: %d series pending at start (%d timers rebuilt), model %s %s",
                  pending, len(missing), self.model.model_id, self.model.version)
@@ -279,7 +280,7 @@ class CompletionService:
             due = list(s.scalars(select(Series.id).where(Series.state == "receiving",
                                                          Series.completion_due_at <= utcnow())
                                  .order_by(Series.completion_due_at)).all())
-            self.next_due = jobs.aware(s.scalar(select(func.min(Series.completion_due_at)).where(
+            self.next_due = aware(s.scalar(select(func.min(Series.completion_due_at)).where(
                 Series.state == "receiving", Series.completion_due_at > utcnow())))
         now_mono = time.monotonic()  # marked seen only once the transaction committed
         self._seen.update((aid, now_mono) for aid, _ in fresh)
@@ -347,5 +348,5 @@ class CompletionService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> CompletionService:
-    """Service factory for ``NodeApp`` (``SERVICE_FACTORIES``)."""
+    """Service factory for ``NodeApp`` (``DEFAULT_SERVICES``)."""
     return CompletionService(config, db)

@@ -40,7 +40,7 @@ from lungnode.config import Config, JobsConfig
 from lungnode.node.dispatch.outcome import JobOutcome
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
-from lungnode.storage.models import Instance, Job, Series, utcnow
+from lungnode.storage.models import Instance, Job, Series, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,6 @@ ACTIVE_STATES = ("queued", "running")
 RESULT_STATES = ("done", "held")
 DEMO_MODEL = ("lungnode-demo", "0")
 
-
-def aware(value: dt.datetime | None) -> dt.datetime | None:
-    """``value`` as timezone-aware UTC (SQLite hands back naive datetimes)."""
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,14 @@ from lungnode.storage.models import Delivery, Instance, Job, Output, Series
 log = logging.getLogger(__name__)
 
 
+class Engine(Protocol):
+    """What the pipeline needs from an engine (:class:`~lungnode.inference.engine.InferenceEngine`)."""
+
+    def run(self, files: Sequence[Path]) -> InferenceResult:
+        """Segment and measure the series in ``files``."""
+        ...
+
+
 class PipelineContext(Protocol):
     """What the pipeline needs from the worker (``lungnode.node.dispatch.worker.WorkerContext``)."""
 
@@ -60,14 +69,10 @@ class PipelineContext(Protocol):
     db: Database
     store: FileStore
 
-
-def _engine(ctx: PipelineContext) -> Any:
-    """The worker's lazily created engine (attribute, property or zero-argument method)."""
-    for name in ("engine", "get_engine", "inference_engine"):
-        value = getattr(ctx, name, None)
-        if value is not None:
-            return value() if callable(value) and not hasattr(value, "run") else value
-    raise PermanentJobError("worker context has no inference engine")
+    @property
+    def engine(self) -> Engine:
+        """The process-lifetime inference engine."""
+        ...
 
 
 def engine_from_config(config: Config) -> Any:
@@ -247,7 +252,7 @@ def process_job(job_pk: int, ctx: PipelineContext) -> JobOutcome:
     if not files:
         raise PermanentJobError("the series has no stored instances (deleted by retention?)")
     t0 = time.perf_counter()
-    engine = _engine(ctx)
+    engine = ctx.engine
     try:
         result: InferenceResult = engine.run(files)
     except (SeriesError, GeometryError) as exc:

@@ -29,13 +29,13 @@ from lungnode.node.results.sr_report import read_report_figures
 from lungnode.provenance import is_own_output
 from lungnode.storage.db import Database
 from lungnode.storage.models import Job, Patient, Series, Study
+from lungnode.uids import COMPREHENSIVE_SR_STORAGE
 
 log = logging.getLogger(__name__)
 
 NO_PATIENT_ID = "No comparison with a prior exam: the Patient ID is missing."
 NO_STUDY_DATE = "No comparison with a prior exam: the Study Date is missing."
 NO_PRIOR = "No prior exam of this patient in lungnode's results."
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def find_comparison(config: Config, db: Database, job_pk: int) -> Comparison | None:
@@ -115,7 +115,7 @@ def pacs_comparison(dest: DestinationConfig, patient_id: str, issuer: str, study
              and str(m.StudyInstanceUID) != study_uid),
             reverse=True)
         for date, prior_study, prior_series in candidates:
-            got = get_series(dest, prior_study, prior_series, [COMPREHENSIVE_SR], timeout=timeout)
+            got = get_series(dest, prior_study, prior_series, [COMPREHENSIVE_SR_STORAGE], timeout=timeout)
             for sr in got.datasets:
                 if not (is_own_output(sr) and str(sr.get("PatientID", "")) == patient_id
                         and str(sr.get("IssuerOfPatientID", "")).strip() == issuer):

@@ -25,8 +25,6 @@ Condition semantics
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 import statistics
 from collections.abc import Sequence
@@ -36,6 +34,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lungnode.config import RuleConfig
+from lungnode.inference.geometry import median_slice_step_mm, slice_normal, tilt_from_axial_deg
+from lungnode.node.ingest.fields import split_numbers
 from lungnode.storage.models import Instance, Series
 
 NO_RULE = "no rule matched"
@@ -127,27 +127,8 @@ class Decision:
         return self.action == "include"
 
 
-def _floats(text: str) -> list[float] | None:
-    try:
-        values = [float(v) for v in text.split("\\") if v.strip() != ""]
-    except ValueError:
-        return None
-    return values or None
-
-
 def _median(values: Sequence[float]) -> float | None:
     return float(statistics.median(values)) if values else None
-
-
-def _normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
-    if len(orientation) != 6:
-        return None
-    r, c = orientation[:3], orientation[3:]
-    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    length = math.sqrt(sum(v * v for v in n))
-    if length < 1e-6:
-        return None
-    return (n[0] / length, n[1] / length, n[2] / length)
 
 
 def features_from_instances(series: Series, instances: Sequence[Instance]) -> SeriesFeatures:
@@ -176,17 +157,13 @@ def features_from_instances(series: Series, instances: Sequence[Instance]) -> Se
          for i in instances}, key=lambda s: sorted(s)))
     thickness = _median([i.slice_thickness for i in instances if i.slice_thickness is not None])
     slices = sum(max(1, i.number_of_frames or 1) for i in instances)
-    normals = [n for n in (_normal(_floats(i.image_orientation) or []) for i in instances) if n]
+    normals = [n for n in (slice_normal(split_numbers(i.image_orientation) or []) for i in instances) if n]
     angle: float | None = None
     spacing: float | None = None
     if normals:
         normal = normals[0]
-        angle = math.degrees(math.acos(min(1.0, abs(normal[2]))))
-        along = sorted(sum(p * n for p, n in zip(pos, normal, strict=True))
-                       for pos in (_floats(i.image_position) for i in instances)
-                       if pos is not None and len(pos) == 3)
-        steps = [b - a for a, b in itertools.pairwise(along) if b - a > 1e-3]
-        spacing = _median(steps)
+        angle = tilt_from_axial_deg(normal)
+        spacing = median_slice_step_mm([split_numbers(i.image_position) for i in instances], normal)
     if spacing is None:
         spacing = _median([i.spacing_between_slices for i in instances
                            if i.spacing_between_slices is not None])

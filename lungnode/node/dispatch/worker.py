@@ -2,11 +2,14 @@
 
 This module owns where inference runs. A worker is a separate process (never the listener): it
 claims a job from the database (:func:`lungnode.node.dispatch.jobs.claim`), renews the lease from a
-heartbeat thread while a pluggable *processor* runs, and records the outcome. The processor is
-``jobs.processor`` in the config, a dotted ``module:function(job_pk, ctx) -> JobOutcome`` resolved
-lazily in the worker process (default ``lungnode.node.dispatch.pipeline:process_job``), so the listener never
-imports torch. :class:`WorkerContext` gives the processor the config, database, file store, worker id
-and a process-lifetime inference engine created on first use by ``jobs.engine_factory``.
+heartbeat thread while a *processor* runs, and records the outcome. The processor is
+:func:`run_pipeline` (the job pipeline, imported on first use in the worker process, so the
+listener never imports torch); :class:`WorkerContext` gives it the config, database, file store,
+worker id and a process-lifetime inference engine built on first use by :func:`default_engine`.
+Both can be passed in (``Worker``, :func:`run_worker`, :class:`LocalWorkerPool`): tests and
+benchmarks do that through their own launcher (``tests/launch.py``), never through the config.
+The config keys ``jobs.processor`` and ``jobs.engine_factory`` (``module:function`` strings) still
+work for this release and are deprecated (see :mod:`lungnode.config.load`).
 
 ``lungnode worker`` runs :func:`run_worker` in the foreground (one per machine or GPU; any number
 against PostgreSQL). ``lungnode run`` starts :class:`LocalWorkerPool` (``jobs.local_workers``
@@ -45,10 +48,44 @@ log = logging.getLogger(__name__)
 Processor = Callable[[int, "WorkerContext"], JobOutcome]
 
 
-def resolve(dotted: str) -> Any:
-    """Import ``package.module:attribute`` and return the attribute."""
-    module_name, _, attr = dotted.partition(":")
+EngineFactory = Callable[[Config], Any]
+
+#: Values of the deprecated ``jobs.processor`` / ``jobs.engine_factory`` keys that name the built-in
+#: processor or engine (the defaults ``config.toml`` shipped, before and after the re-homing).
+BUILTIN_HOOKS = frozenset({
+    "lungnode.node.pipeline:process_job", "lungnode.node.dispatch.pipeline:process_job",
+    "lungnode.node.pipeline:engine_from_config", "lungnode.node.dispatch.pipeline:engine_from_config",
+})
+
+
+def configured_hook(value: str) -> Any | None:
+    """What a deprecated ``jobs.processor`` / ``jobs.engine_factory`` value names.
+
+    ``None`` when the key is unset or names the built-in; otherwise the imported
+    ``package.module:function``.
+    """
+    if not value or value in BUILTIN_HOOKS:
+        return None
+    module_name, _, attr = value.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def run_pipeline(job_pk: int, ctx: WorkerContext) -> JobOutcome:
+    """The default processor: :func:`lungnode.node.dispatch.pipeline.process_job`.
+
+    Imported here, on the first job, so that processes which never run a job do not load the
+    pipeline (highdicom, the inference engine, torch).
+    """
+    from lungnode.node.dispatch.pipeline import process_job
+
+    return process_job(job_pk, ctx)
+
+
+def default_engine(config: Config) -> Any:
+    """The default engine: :func:`lungnode.node.dispatch.pipeline.engine_from_config` (lazy import)."""
+    from lungnode.node.dispatch.pipeline import engine_from_config
+
+    return engine_from_config(config)
 
 
 @dataclass
@@ -63,7 +100,8 @@ class WorkerContext:
     worker_id:
         ``host:pid:random``, the lease owner.
     engine_factory:
-        Builds the inference engine from the config; called once, on first use of :attr:`engine`.
+        Builds the inference engine from the config; called once, on first use of :attr:`engine`
+        (``None``: the deprecated ``jobs.engine_factory`` if set, else :func:`default_engine`).
     lease_lost:
         Set while a job runs when its lease was lost (the job was superseded by a newer job of the
         series, or re-leased after missed heartbeats): a long processor may check it and stop early;
@@ -74,7 +112,7 @@ class WorkerContext:
     db: Database
     store: FileStore
     worker_id: str
-    engine_factory: Callable[[Config], Any] | None = None
+    engine_factory: EngineFactory | None = None
     lease_lost: threading.Event = field(default_factory=threading.Event)
     _engine: Any = field(default=None, repr=False)
 
@@ -82,7 +120,8 @@ class WorkerContext:
     def engine(self) -> Any:
         """The process-lifetime inference engine (created lazily; torch is imported here)."""
         if self._engine is None:
-            factory = self.engine_factory or resolve(self.config.jobs.engine_factory)
+            factory = (self.engine_factory or configured_hook(self.config.jobs.engine_factory)
+                       or default_engine)
             self._engine = factory(self.config)
         return self._engine
 
@@ -100,26 +139,30 @@ class Worker:
     config:
         The node configuration.
     processor:
-        Called for each claimed job; ``None`` resolves ``config.jobs.processor`` on first use.
+        Called for each claimed job; ``None``: the deprecated ``jobs.processor`` if set, else
+        :func:`run_pipeline`.
     db:
         An existing database handle (a new one is opened from the config otherwise).
+    engine_factory:
+        Builds the engine (see :class:`WorkerContext`).
     """
 
     def __init__(self, config: Config, processor: Processor | None = None,
-                 db: Database | None = None) -> None:
+                 db: Database | None = None, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
         self.db = db or Database(config.storage.effective_database_url)
         self.store = FileStore(config.storage.root_path, fsync=config.storage.fsync)
-        self.ctx = WorkerContext(config, self.db, self.store, make_worker_id())
+        self.ctx = WorkerContext(config, self.db, self.store, make_worker_id(),
+                                 engine_factory=engine_factory)
         self._processor = processor
         self.stop_event = threading.Event()
         self.processed = 0
 
     @property
     def processor(self) -> Processor:
-        """The processor (resolved lazily from the config)."""
+        """The processor (the one given, else the deprecated ``jobs.processor``, else the pipeline)."""
         if self._processor is None:
-            self._processor = resolve(self.config.jobs.processor)
+            self._processor = configured_hook(self.config.jobs.processor) or run_pipeline
         return self._processor
 
     def _heartbeat(self, job_pk: int, done: threading.Event, lost: threading.Event) -> None:
@@ -194,7 +237,7 @@ class Worker:
 
 
 def run_worker(config: Config, processor: Processor | None = None,
-               stop: Any | None = None) -> int:
+               stop: Any | None = None, engine_factory: EngineFactory | None = None) -> int:
     """Run a worker in this process until SIGTERM/SIGINT (or ``stop`` is set).
 
     Parameters
@@ -202,16 +245,18 @@ def run_worker(config: Config, processor: Processor | None = None,
     config:
         The node configuration.
     processor:
-        Overrides ``config.jobs.processor``.
+        What runs a job (default: :func:`run_pipeline`).
     stop:
         An event (threading or multiprocessing) that ends the loop when set.
+    engine_factory:
+        Builds the engine (default: :func:`default_engine`).
 
     Returns
     -------
     int
         Jobs processed.
     """
-    worker = Worker(config, processor)
+    worker = Worker(config, processor, engine_factory=engine_factory)
 
     def _on_signal(signum: int, _frame: Any) -> None:
         log.info("worker %s: signal %d, stopping after the current job", worker.ctx.worker_id, signum)
@@ -233,9 +278,10 @@ def run_worker(config: Config, processor: Processor | None = None,
         worker.db.dispose()
 
 
-def _pool_child(config: Config) -> None:
+def _pool_child(config: Config, processor: Processor | None,
+                engine_factory: EngineFactory | None) -> None:
     configure_logging(config, "worker %(process)d")
-    run_worker(config)
+    run_worker(config, processor, engine_factory=engine_factory)
 
 
 class LocalWorkerPool:
@@ -246,12 +292,17 @@ class LocalWorkerPool:
     by whichever worker claims next once the lease has expired. Workers are stopped with SIGTERM
     (they finish the current job), never through a shared multiprocessing primitive: a worker
     killed while waiting on one would leave it locked and hang the node's shutdown.
+    ``processor`` and ``engine_factory`` are passed to every worker (see :class:`Worker`).
     """
 
     name = "workers"
 
-    def __init__(self, config: Config, count: int | None = None, restart_delay_s: float = 1.0) -> None:
+    def __init__(self, config: Config, count: int | None = None, restart_delay_s: float = 1.0, *,
+                 processor: Processor | None = None, engine_factory: EngineFactory | None = None) -> None:
         self.config = config
+        # Handed to each spawned worker: must be module-level functions (pickled by reference).
+        self.processor = processor
+        self.engine_factory = engine_factory
         self.count = config.jobs.local_workers if count is None else count
         self.restart_delay_s = restart_delay_s
         self._ctx = multiprocessing.get_context("spawn")
@@ -261,7 +312,8 @@ class LocalWorkerPool:
         self.restarts = 0
 
     def _spawn(self, slot: int) -> None:
-        proc = self._ctx.Process(target=_pool_child, args=(self.config,),
+        proc = self._ctx.Process(target=_pool_child,
+                                 args=(self.config, self.processor, self.engine_factory),
                                  name=f"lungnode-worker-{slot}", daemon=False)
         proc.start()
         self._procs[slot] = proc
@@ -312,5 +364,5 @@ class LocalWorkerPool:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> LocalWorkerPool:
-    """Service factory for ``NodeApp`` (``SERVICE_FACTORIES``): the local worker pool."""
+    """Service factory for :class:`~lungnode.node.app.NodeApp`: the local worker pool."""
     return LocalWorkerPool(config)

@@ -52,7 +52,7 @@ from lungnode.storage.models import (
 )
 from lungnode.uids import is_valid_uid
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["CLEAN_SHUTDOWN_MARKER", "RECONCILE_NEEDED_MARKER", "Catalog", "Filed", "Incoming",
            "InstanceFields", "header_fields"]
@@ -140,8 +140,8 @@ class Catalog:
             results = self._commit_all(batch)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                LOG.warning("instance could not be filed: %s", type(result).__name__)
-                LOG.debug("filing error", exc_info=result)
+                log.warning("instance could not be filed: %s", type(result).__name__)
+                log.debug("filing error", exc_info=result)
             if isinstance(result, BaseException) or result.outcome == "duplicate":
                 item.temp_path.unlink(missing_ok=True)
         return results
@@ -208,12 +208,12 @@ class Catalog:
             self._drop_connection()
             # Nothing was committed: files already renamed have no rows (indexed at start or
             # overwritten by the sender's retry); the caller removes the temp files.
-            LOG.error("batch of %d instance(s) not committed: %s", len(batch), exc)
+            log.error("batch of %d instance(s) not committed: %s", len(batch), exc)
             if moves_done:
                 try:  # make the next start scan for files without rows even after a clean stop
                     (self.store.root / RECONCILE_NEEDED_MARKER).touch()
                 except OSError:
-                    LOG.exception("could not write %s", RECONCILE_NEEDED_MARKER)
+                    log.exception("could not write %s", RECONCILE_NEEDED_MARKER)
             raise
 
     def _connection(self) -> Connection:
@@ -255,7 +255,7 @@ class Catalog:
             "calling_ae": item.calling_ae[:16], "association_id": item.association_id[:36],
             "received_at": item.received_at, **f.instance})
         if version > 1:
-            LOG.warning("SOP instance received again with different bytes: stored as version %d "
+            log.warning("SOP instance received again with different bytes: stored as version %d "
                         "(association %s)", version, item.association_id)
             with Session(bind=conn) as session:  # joins the connection's transaction
                 record_event(session, "instance_version", ae_title=item.calling_ae,
@@ -413,7 +413,7 @@ class Catalog:
                     if relpath not in known:
                         counts["indexed" if self._index_orphan(file, relpath) else "deleted"] += 1
         if counts["indexed"] or counts["deleted"]:
-            LOG.warning("reconciled files without rows: %d indexed, %d deleted",
+            log.warning("reconciled files without rows: %d indexed, %d deleted",
                         counts["indexed"], counts["deleted"])
         return counts
 
@@ -434,7 +434,7 @@ class Catalog:
                 raise ValueError("identical bytes already stored under another path")
             return True
         except Exception as exc:
-            LOG.warning("deleting unindexable file %s: %s", relpath, exc)
+            log.warning("deleting unindexable file %s: %s", relpath, exc)
             file.unlink(missing_ok=True)
             return False
 

@@ -211,3 +211,15 @@ def header_fields(ds: Dataset) -> InstanceFields:
     # is_own_output probes 240 private tags; only do it when group 0071 is present at all.
     fields.own_output = values.has_group(PRIVATE_GROUP) and is_own_output(ds)
     return fields
+
+
+def split_numbers(text: str) -> list[float] | None:
+    """The numbers of a multi-valued text column (``"a\\b\\c"``, e.g. ``image_position``).
+
+    Returns ``None`` when the text is empty or a value is not a number.
+    """
+    try:
+        values = [float(v) for v in text.split("\\") if v.strip() != ""]
+    except ValueError:
+        return None
+    return values or None

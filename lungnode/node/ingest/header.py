@@ -25,6 +25,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
+from lungnode.uids import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE
+
 #: Deepest sequence nesting skipped.
 MAX_DEPTH = 16
 #: Top-level sequences whose presence means the fields are read from them (pydicom path).
@@ -39,9 +41,6 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b
                        b"SV", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 
 _TAG = struct.Struct("<HH")
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (or reserved)
@@ -201,9 +200,9 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
         The header (top-level elements before the pixel data, but for undefined-length
         sequences) and the offset of the pixel data element; ``None`` when pydicom should read it.
     """
-    if transfer_syntax in (_DEFLATED, _BIG_ENDIAN):
+    if transfer_syntax in (DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE):
         return None
-    implicit = transfer_syntax == _IMPLICIT_VR_LE
+    implicit = transfer_syntax == IMPLICIT_VR_LE
     elements: dict[int, tuple[bytes | None, int, int]] = {}
     pixel_offset = -1
     # The loop reads each element header with one struct call (it runs ~90 times per CT header).

@@ -42,11 +42,11 @@ from lungnode.node.ingest.store import AssociationStats, GroupCommitWriter, Stor
 from lungnode.ops import metrics
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.uids import VERIFICATION
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Verification SOP Class.
-VERIFICATION = "1.2.840.10008.1.1"
 #: Connections beyond ``node.max_associations`` that may be open while negotiating (their
 #: A-ASSOCIATE-RQ is answered with the limit rejection); more are closed at once.
 CONNECTION_HEADROOM = 50
@@ -143,7 +143,7 @@ class ListenerWorker:
         if rsd is None:
             return None
         assoc_id = str(uuid.uuid4())
-        LOG.info("association %s rejected (%s): calling AE %s, called AE %s, peer %s",
+        log.info("association %s rejected (%s): calling AE %s, called AE %s, peer %s",
                  assoc_id, reason if reason != "limit" else
                  f"limit of {self.config.node.max_associations} reached", calling, called, peer)
         metrics.ASSOCIATIONS.labels(outcome=f"rejected-{reason}").inc()
@@ -153,7 +153,7 @@ class ListenerWorker:
             self.catalog.association_rejected(assoc_id, calling_ae=calling, called_ae=called, peer=peer,
                                               reason=reason)
         except Exception:
-            LOG.exception("could not record a rejected association")
+            log.exception("could not record a rejected association")
         return rsd
 
     def accepted(self, request: AssociationRequest, peer: str) -> AssociationStats:
@@ -166,7 +166,7 @@ class ListenerWorker:
             self.catalog.association_started(stats.assoc_id, calling_ae=stats.calling_ae,
                                              called_ae=stats.called_ae, peer=stats.peer)
         except Exception:
-            LOG.exception("could not record association start")
+            log.exception("could not record association start")
         return stats
 
     def begin_store(self, token: object, command: Command, abstract_syntax: str,
@@ -198,7 +198,7 @@ class ListenerWorker:
             metrics.ASSOCIATIONS.labels(outcome="released").inc()
         else:
             metrics.ASSOCIATIONS.labels(outcome="aborted").inc()
-        LOG.info("association %s %s: calling AE %s, peer %s, %d instance(s), %d byte(s), %d failure(s), "
+        log.info("association %s %s: calling AE %s, peer %s, %d instance(s), %d byte(s), %d failure(s), "
                  "%.2f s", stats.assoc_id, outcome, stats.calling_ae, stats.peer, stats.instances,
                  stats.nbytes, stats.failures, seconds)
         try:
@@ -206,7 +206,7 @@ class ListenerWorker:
                                            nbytes=stats.nbytes, failures=stats.failures,
                                            calling_ae=stats.calling_ae, peer=stats.peer, seconds=seconds)
         except Exception:
-            LOG.exception("could not record association end")
+            log.exception("could not record association end")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -224,7 +224,7 @@ class ListenerWorker:
             max_pdu=MAX_PDU_BYTES)
         self.acceptor = Acceptor(settings, self)
         self.acceptor.start()
-        LOG.info("listening on %s:%d as %s (pid %d, TLS %s, direct I/O %s)", node.bind, node.port,
+        log.info("listening on %s:%d as %s (pid %d, TLS %s, direct I/O %s)", node.bind, node.port,
                  node.ae_title, os.getpid(), "on" if node.tls.enabled else "off",
                  "on" if self.handler.store.direct_io else "off")
 
@@ -244,7 +244,7 @@ class ListenerWorker:
             time.sleep(0.05)
         left = acceptor.busy(negotiating_too=False)
         if left:
-            LOG.warning("aborting %d association(s) still open at shutdown", left)
+            log.warning("aborting %d association(s) still open at shutdown", left)
         acceptor.abort_all()
         # Rows of aborted associations are closed by their threads; be sure of it.
         with self._lock:
@@ -325,7 +325,7 @@ class Listener:
         for proc, _ in self._children:
             proc.join(timeout + 15)
             if proc.is_alive():
-                LOG.error("listener process %s did not stop; killing it", proc.pid)
+                log.error("listener process %s did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join(5)
         self._children.clear()

@@ -37,7 +37,13 @@ from pydicom.filereader import dcmread
 from lungnode.node.ingest.fields import InstanceFields, fields_from, header_fields
 from lungnode.node.ingest.header import UnsureError, scan_header
 from lungnode.provenance import PRIVATE_GROUP
-from lungnode.uids import is_valid_uid
+from lungnode.uids import (
+    DEFLATED_EXPLICIT_VR_LE,
+    EXPLICIT_VR_BE,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    is_valid_uid,
+)
 
 #: Storage SOP classes accepted as SCP (abstract syntax UID → name).
 SCP_SOP_CLASSES: dict[str, str] = {
@@ -94,9 +100,7 @@ PIXEL_SOP_CLASSES: frozenset[str] = frozenset(
 )
 
 #: Transfer syntaxes with native (not encapsulated) pixel data.
-_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_NATIVE = {IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE}
 
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C).
 STATUS_SUCCESS = 0x0000
@@ -148,7 +152,7 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
     ParsedHeader or Refusal
         The header, or a 0xC000 refusal when it cannot be read.
     """
-    tags = _PIXEL_TAGS_BE if transfer_syntax == _BIG_ENDIAN else _PIXEL_TAGS_LE
+    tags = _PIXEL_TAGS_BE if transfer_syntax == EXPLICIT_VR_BE else _PIXEL_TAGS_LE
     fields: InstanceFields | None = None
     ds: Dataset | None = None
     raw = scan_header(data, transfer_syntax)
@@ -170,13 +174,13 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
         if len(ds) == 0:
             return Refusal(STATUS_CANNOT_UNDERSTAND, "empty data set")
         pos = stream.tell()
-        if transfer_syntax == _DEFLATED:
+        if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
             # The stream position is inside the inflated copy; look for pixel data the slow way.
             has_pixels = any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or \
                 _deflated_has_pixels(data)
         else:
             has_pixels = pos < len(data) and data[pos:pos + 4] in tags
-    if has_pixels and transfer_syntax != _DEFLATED:
+    if has_pixels and transfer_syntax != DEFLATED_EXPLICIT_VR_LE:
         if transfer_syntax in _NATIVE:
             problem = check_native(data, pos, transfer_syntax)
         elif data[pos:pos + 4] == tags[0]:
@@ -202,11 +206,11 @@ def check_native(data: bytes | mmap.mmap, pos: int, transfer_syntax: str) -> str
     str
         Empty when complete, else what is wrong.
     """
-    if transfer_syntax == "1.2.840.10008.1.2":  # implicit VR: tag(4) length(4)
+    if transfer_syntax == IMPLICIT_VR_LE:  # implicit VR: tag(4) length(4)
         header, fmt = 8, "<I"
         offset = pos + 4
     else:  # explicit VR OB/OW/OF/OD: tag(4) VR(2) reserved(2) length(4)
-        header, fmt = 12, ">I" if transfer_syntax == _BIG_ENDIAN else "<I"
+        header, fmt = 12, ">I" if transfer_syntax == EXPLICIT_VR_BE else "<I"
         offset = pos + 8
     if len(data) < pos + header:
         return "pixel data element truncated"

@@ -41,7 +41,7 @@ from lungnode.ops import metrics
 from lungnode.storage.filestore import DiskFullError, FileStore, write_all
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Instances up to this size are also kept in memory for the header checks (larger: ``mmap``).
 MEMORY_COPY_LIMIT = 64 << 20
@@ -327,7 +327,7 @@ class StoreHandler:
                 if isinstance(result, Refusal):
                     sink.discard()
         except Exception as exc:  # answer a failure rather than drop the association
-            LOG.exception("C-STORE handling failed (association %s)", stats.assoc_id)
+            log.exception("C-STORE handling failed (association %s)", stats.assoc_id)
             if isinstance(sink, ReceivedDataset):
                 sink.discard()
             result = Refusal(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
@@ -335,7 +335,7 @@ class StoreHandler:
             return result, ""
         stats.failures += 1
         metrics.INSTANCES_REJECTED.labels(reason=f"0x{result.status:04X}").inc()
-        LOG.warning("C-STORE refused with 0x%04X: %s (association %s, calling AE %s)",
+        log.warning("C-STORE refused with 0x%04X: %s (association %s, calling AE %s)",
                     result.status, result.reason, stats.assoc_id, stats.calling_ae)
         try:
             self.catalog.instance_refused(
@@ -343,7 +343,7 @@ class StoreHandler:
                 status=result.status, reason=result.reason,
                 sop_instance_uid=command.affected_sop_instance)
         except Exception:
-            LOG.exception("could not audit a refused instance")
+            log.exception("could not audit a refused instance")
         return result.status, result.reason
 
     def _file(self, stats: AssociationStats, command: Command, transfer_syntax: str,

@@ -24,10 +24,8 @@ Retries
     A failed attempt waits ``[delivery] retry_delays_s[attempts-1]``; after the last delay the
     delivery is dead-lettered (audit ``delivery_dead``); ``lungnode resend JOB`` starts it again.
 
-Test fault injection (restart tests only): ``LUNGNODE_FAULT_BEFORE_ACK=exit:N`` makes the
-process exit (status 70), ``hang:N`` makes the sending thread block forever, right after the peer
-acknowledged the N-th instance this process sent and before that is committed — the worst moment
-for a crash. Unset in production.
+:meth:`DeliverySender.record_ack` commits one acknowledgement; the restart tests crash a sender
+right before it (``tests/launch.py`` subclasses the sender; nothing of that is in this module).
 """
 
 from __future__ import annotations
@@ -48,11 +46,9 @@ from lungnode.ops import metrics
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
-from lungnode.storage.models import Delivery, Job, Output, utcnow
+from lungnode.storage.models import Delivery, Job, Output, aware, utcnow
 
 log = logging.getLogger(__name__)
-
-FAULT_ENV = "LUNGNODE_FAULT_BEFORE_ACK"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,11 +141,6 @@ def release(db: Database, config: Config, job_pk: int) -> list[str]:
     return queued
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
 
 class DeliverySender:
     """Claims due deliveries and sends them (used by the service and ``resend --now``).
@@ -168,10 +159,6 @@ class DeliverySender:
         self.store = store
         self.cfg: DeliveryConfig = config.delivery
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:delivery"
-        mode, _, count = os.environ.get(FAULT_ENV, "").partition(":")
-        self._fault_mode = mode if mode in ("exit", "hang") and count.isdigit() else ""
-        self._fault_after = int(count) if self._fault_mode else 0
-        self._acks_seen = 0
 
     def claim(self, delivery_id: int | None = None) -> int | None:
         """Claim one due delivery (or the given one, if pending); return its id or ``None``."""
@@ -195,14 +182,11 @@ class DeliverySender:
                     return candidate
         return None
 
-    def _record_ack(self, delivery_id: int, sop_uid: str) -> None:
-        self._acks_seen += 1
-        if self._fault_after and self._acks_seen >= self._fault_after:
-            log.error("fault injection (%s): before recording acknowledgement %d",
-                      self._fault_mode, self._acks_seen)
-            if self._fault_mode == "exit":
-                os._exit(70)
-            threading.Event().wait()  # hang: the test kills the process
+    def record_ack(self, delivery_id: int, sop_uid: str) -> None:
+        """Commit that the peer stored ``sop_uid`` and renew the lease, before the next is sent.
+
+        Raises :class:`LeaseLostError` when another sender owns the delivery now.
+        """
         with self.db.session() as s:
             d = s.get(Delivery, delivery_id)
             if d is None or d.lease_owner != self.owner:
@@ -223,7 +207,7 @@ class DeliverySender:
                 dest = None
             items = ([] if dest is None or job is None else
                      outbound_items(s, self.store, d.job_pk, dest, d.acknowledged or []))
-            last_instance_at = _aware(job.last_instance_at) if job else None
+            last_instance_at = aware(job.last_instance_at) if job else None
             job_pk = d.job_pk
         started = utcnow()
         if dest is None:
@@ -236,7 +220,7 @@ class DeliverySender:
             else:
                 try:
                     result = send_items(dest, items, timeout=self.cfg.timeout_s,
-                                        on_ack=lambda uid: self._record_ack(delivery_id, uid))
+                                        on_ack=lambda uid: self.record_ack(delivery_id, uid))
                 except LeaseLostError as exc:
                     log.warning("%s", exc)
                     return "lost"
@@ -301,8 +285,9 @@ class DeliveryService:
 
     name = "delivery"
 
-    def __init__(self, config: Config, db: Database, store: FileStore) -> None:
-        self.sender = DeliverySender(config, db, store)
+    def __init__(self, config: Config, db: Database, store: FileStore,
+                 sender: DeliverySender | None = None) -> None:
+        self.sender = sender or DeliverySender(config, db, store)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.poll_s = config.delivery.poll_s

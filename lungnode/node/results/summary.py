@@ -28,10 +28,11 @@ from lungnode.inference.types import InferenceResult
 from lungnode.node.results.common import OutputContext, SourceSeries, finish_output, new_uid
 from lungnode.node.results.sc import NOT_FOR_DIAGNOSIS
 from lungnode.node.results.summary_page import PageText, key_slices, render_summary
+from lungnode.uids import ENCAPSULATED_PDF_STORAGE
 
 __all__ = ["ENCAPSULATED_PDF", "build_pdf", "build_summary_sc", "page_text", "render_page"]
 
-ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
+ENCAPSULATED_PDF = UID(ENCAPSULATED_PDF_STORAGE)
 DOCUMENT_TITLE = "AI lung CT report (pneumonia extent)"
 
 

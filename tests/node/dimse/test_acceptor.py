@@ -256,7 +256,11 @@ def test_p_data_respects_the_peer_maximum_pdu_length() -> None:
     assert b"".join(pieces) == data and controls[-1] and not any(controls[:-1])
 
 
-def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path) -> None:
+def test_header_scanner_equals_pydicom_on_every_shared_file(shared_data: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some real series carry a private element whose length does not fit its VR (facts.md: POPI);
+    # pydicom refuses to convert it unless told to keep it as UN, on both sides of the comparison.
+    monkeypatch.setattr(pydicom.config, "convert_wrong_length_to_UN", True)
     fast = fields_read = 0
     for path in sorted(shared_data.rglob("*.dcm")):
         data = path.read_bytes()

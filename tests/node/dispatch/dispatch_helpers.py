@@ -14,9 +14,9 @@ from lungnode.node.dispatch import jobs
 from lungnode.storage.db import Database
 from lungnode.storage.models import Instance, Patient, Series, Study
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[2]
-PROCS = "dispatch_procs"
+REPO = Path(__file__).resolve().parents[3]
+#: The test processors' module, for ``python -m tests.launch --processor {PROCS}:record``.
+PROCS = "tests.node.dispatch.dispatch_procs"
 
 
 def toml_value(value: Any) -> str:
@@ -44,9 +44,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def node_env(record: Path | None = None, **extra: str) -> dict[str, str]:
-    """Environment for lungnode subprocesses: test processors importable, results recorded."""
+    """Environment for lungnode subprocesses (run with ``cwd=REPO``): results recorded."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if record is not None:
         env["LUNGNODE_TEST_RECORD"] = str(record)
     env.update(extra)

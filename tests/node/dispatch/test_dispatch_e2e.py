@@ -1,7 +1,8 @@
 """Completion, idempotent jobs, late instances and restarts through a real ``lungnode run``.
 
 Series are sent with DCMTK ``storescu`` and with a pynetdicom SCU; a local worker process runs the
-test processor ``dispatch_procs:record`` (reads every instance file of the job, records the job).
+test processor ``tests.node.dispatch.dispatch_procs:record`` (reads every instance file of the job,
+records the job), given to the node by the tests' launcher (``tests/launch.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dispatch_helpers import (
-    HERE,
+
+from lungnode.storage.db import Database
+from tests.node.dispatch.dispatch_helpers import (
+    PROCS,
     clone_series,
     read_jobs,
     read_series,
@@ -23,9 +26,7 @@ from dispatch_helpers import (
     storescu,
     wait_for,
 )
-from node_process import LungnodeProcess, send_files
-
-from lungnode.storage.db import Database
+from tests.node_process import LungnodeProcess, send_files
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -34,9 +35,8 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 @pytest.fixture
 def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The test processor's record file; the node's workers import ``dispatch_procs``."""
+    """The test processor's record file."""
     path = tmp_path / "record.jsonl"
-    monkeypatch.setenv("PYTHONPATH", str(HERE))
     monkeypatch.setenv("LUNGNODE_TEST_RECORD", str(path))
     return path
 
@@ -46,9 +46,8 @@ def _node(workdir: Path, quiet: float, grace: float = 1.5, workers: int = 1,
     return LungnodeProcess(workdir, {
         "storage": {"database_url": database_url},
         "completion": {"quiet_period_s": quiet, "grace_s": grace, "poll_s": 0.1},
-        "jobs": {"local_workers": workers, "processor": "dispatch_procs:record", "poll_s": 0.2,
-                 "lease_s": 30.0, "heartbeat_s": 5.0},
-    })
+        "jobs": {"local_workers": workers, "poll_s": 0.2, "lease_s": 30.0, "heartbeat_s": 5.0},
+    }, hooks=("--processor", f"{PROCS}:record"))
 
 
 def _one_job(db: Database, uid: str, timeout: float, state: str = "done") -> dict[str, Any]:
@@ -159,8 +158,8 @@ def test_killed_local_worker_is_restarted_and_its_job_leased_again(
     series = clone_series(files, tmp_path / "kill", series_uid=uid)
     node = LungnodeProcess(tmp_path / "node", {
         "completion": {"quiet_period_s": 20.0, "grace_s": 0.5, "poll_s": 0.1},
-        "jobs": {"local_workers": 1, "processor": "dispatch_procs:record_slow", "poll_s": 0.2,
-                 "lease_s": 5.0, "heartbeat_s": 1.0}})
+        "jobs": {"local_workers": 1, "poll_s": 0.2, "lease_s": 5.0, "heartbeat_s": 1.0}},
+        hooks=("--processor", f"{PROCS}:record_slow"))
     with node:
         db = Database(node.db_url)
         assert send_files(node.port, series) == [0] * 30

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dispatch_helpers import cli, seed_series, write_config
 from safetensors.numpy import save_file
 from sqlalchemy import select, update
 
@@ -20,7 +19,8 @@ from lungnode.node.dispatch import jobs
 from lungnode.node.dispatch.outcome import JobOutcome, PermanentJobError, TransientJobError
 from lungnode.node.dispatch.worker import Worker, WorkerContext
 from lungnode.storage.db import Database
-from lungnode.storage.models import Job, Series, utcnow
+from lungnode.storage.models import Job, Series, aware, utcnow
+from tests.node.dispatch.dispatch_helpers import cli, seed_series, write_config
 
 CFG = JobsConfig(max_attempts=3, retry_delays_s=(0.0, 60.0), lease_s=5.0, heartbeat_s=1.0, poll_s=0.05)
 
@@ -80,7 +80,7 @@ def test_transient_retries_with_backoff_then_failed(db: Database) -> None:
     assert claim is not None and claim.attempt == 2
     assert jobs.fail(db, pk, "w1", "busy", transient=True, cfg=CFG) == "queued"  # delay 60 s
     job = _state(db, pk)
-    assert 55 < (jobs.aware(job.not_before) - utcnow()).total_seconds() <= 60  # type: ignore[operator]
+    assert 55 < (aware(job.not_before) - utcnow()).total_seconds() <= 60  # type: ignore[operator]
     assert jobs.claim(db, "w1", CFG) is None, "backoff: not runnable before not_before"
     with db.session() as s:
         s.execute(update(Job).values(not_before=utcnow()))

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dispatch_helpers import clone_series, read_jobs, read_series, wait_for
-from node_process import LungnodeProcess, send_files
 from sqlalchemy import func, select
 
 from lungnode.provenance import add_provenance
 from lungnode.storage.db import Database
 from lungnode.storage.models import Series
+from tests.node.dispatch.dispatch_helpers import clone_series, read_jobs, read_series, wait_for
+from tests.node_process import LungnodeProcess, send_files
 
 #: Shipped sample files (relative to the shared data folder) → (decision, deciding rule); ``refused``:
 #: the node does not accept the SOP class at association time (MR, US, RWV), so no series exists.

@@ -1,5 +1,7 @@
 """Scale-out: three ``lungnode worker`` processes on a real PostgreSQL process 50 jobs exactly once,
-while one of them is SIGKILLed in the middle of a job (its job is leased again after the lease)."""
+while one of them is SIGKILLed in the middle of a job (its job is leased again after the lease).
+The workers are the product's ``worker`` command started through ``tests/launch.py`` with a test
+processor."""
 
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from dispatch_helpers import PROCS, REPO, node_env, seed_series, wait_for, write_config
 
 from lungnode.node.dispatch import jobs
 from lungnode.storage.db import Database
+from tests.node.dispatch.dispatch_helpers import PROCS, REPO, node_env, seed_series, wait_for, write_config
 
 pytestmark = pytest.mark.postgres
 
@@ -27,11 +29,12 @@ def test_three_workers_fifty_jobs_exactly_once_with_one_killed(tmp_path: Path,
     cfg = write_config(tmp_path / "lungnode.toml", {
         "storage": {"root": str(tmp_path / "store"), "database_url": postgres_db_url, "fsync": False},
         "jobs": {"lease_s": 5.0, "heartbeat_s": 1.0, "poll_s": 0.1, "local_workers": 0,
-                 "retry_delays_s": [0.5], "processor": f"{PROCS}:record_slow"},
+                 "retry_delays_s": [0.5]},
     })
     record = tmp_path / "record.jsonl"
     env = node_env(record, LUNGNODE_TEST_HANG_JOB=str(hang_job), LUNGNODE_TEST_SLEEP="0.1")
-    procs = [subprocess.Popen([sys.executable, "-m", "lungnode.cli", "--config", str(cfg), "worker"],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.launch", "--processor", f"{PROCS}:record_slow",
+                               "--config", str(cfg), "worker"],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for _ in range(3)]
     try:

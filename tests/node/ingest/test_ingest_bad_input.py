@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
-from tests.node.ingest.conftest import instance_rows, storescu, with_db
 
 from lungnode.storage.models import AuditEvent, Series
+from tests.node.ingest.conftest import instance_rows, storescu, with_db
 from tests.node_process import LungnodeProcess, send_files, stored_files
 
 SC = "1.2.840.10008.5.1.4.1.1.7"

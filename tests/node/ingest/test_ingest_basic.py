@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
-from tests.node.ingest.conftest import instance_rows, storescu, with_db
 
 from lungnode.provenance import add_provenance
 from lungnode.storage.models import AssociationRecord, AuditEvent, Series
+from tests.node.ingest.conftest import instance_rows, storescu, with_db
 from tests.node_process import LungnodeProcess, dataset_bytes, send_files, stored_files
 
 

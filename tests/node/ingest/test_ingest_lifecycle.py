@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from tests.node.ingest.conftest import storescu, with_db
 
 from lungnode.storage.models import AssociationRecord, Instance
+from tests.node.ingest.conftest import storescu, with_db
 from tests.node_process import LungnodeProcess, dataset_bytes, send_files, stored_files
 
 

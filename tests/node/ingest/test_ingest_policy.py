@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 from sqlalchemy import select
-from tests.node.ingest.conftest import instance_rows, sop_uid, storescu, with_db
 
 from lungnode.storage.models import AssociationRecord, AuditEvent
+from tests.node.ingest.conftest import instance_rows, sop_uid, storescu, with_db
 from tests.node_process import LungnodeProcess
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

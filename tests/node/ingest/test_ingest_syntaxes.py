@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from tests.node.ingest.conftest import instance_rows, sop_uid, storescu
 
+from tests.node.ingest.conftest import instance_rows, sop_uid, storescu
 from tests.node_process import LungnodeProcess, dataset_bytes, send_files
 
 # Shared files → expected C-STORE status (None: the SOP class is not accepted at negotiation).

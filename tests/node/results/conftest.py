@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from orthanc import OrthancServer
-from results_factory import make_result
 
 from lungnode.inference.types import InferenceResult
+from tests.node.results.results_factory import make_result
+from tests.orthanc import OrthancServer
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from orthanc import OrthancServer
 from pydicom.uid import generate_uid
-from results_factory import make_result
 from sqlalchemy import select
 
 from lungnode.config import Config, parse_config
@@ -26,6 +24,8 @@ from lungnode.node.dispatch.priors import NO_PATIENT_ID, NO_PRIOR
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Instance, Job, Output, Patient, Series, Study
+from tests.node.results.results_factory import make_result
+from tests.orthanc import OrthancServer
 
 
 class ThresholdEngine:
@@ -197,9 +197,8 @@ def test_prior_from_the_pacs_same_patient_only(tmp_path: Path, pacs: OrthancServ
     """Node A reported the first study and sent its SR to the PACS; node B (a new node, no local
     results) finds it with C-FIND, fetches it with C-GET and compares; another patient or another
     issuer gets no comparison."""
-    from test_results_delivery import drain
-
     from lungnode.node.results.delivery import DeliverySender
+    from tests.node.results.test_results_delivery import drain
 
     node_a = make_ctx(tmp_path / "a", pacs.dicom_port, '["sr"]')
     first = add_study(node_a, chest_ct_dir, "P1", "HOSP", "20261102")
@@ -225,7 +224,7 @@ def test_prior_from_the_pacs_same_patient_only(tmp_path: Path, pacs: OrthancServ
 
 
 def test_unreachable_pacs_is_said(tmp_path: Path, chest_ct_dir: Path) -> None:
-    from orthanc import free_port
+    from tests.orthanc import free_port
 
     priors = '[priors]\nsource = "pacs"\ndestination = "pacs"'
     node = make_ctx(tmp_path, free_port(), '["sr"]', priors)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from results_factory import make_tiny_bundle
+
+from tests.node.results.results_factory import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -3,13 +3,13 @@ after a crash mid-send, dead letter, check-destination, resend and release."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from orthanc import OrthancServer, free_port
 from sqlalchemy import select
 
 from lungnode.config import Config, parse_config
@@ -20,6 +20,8 @@ from lungnode.node.results.delivery import DeliverySender, queue_deliveries, rel
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import AuditEvent, Delivery, Job, Output
+from tests.launch import FAULT_EXIT_STATUS
+from tests.orthanc import OrthancServer, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -148,16 +150,18 @@ def test_crash_mid_send_resends_only_unacknowledged(tmp_path: Path, orthanc: Ort
     cfg_path = node_config(tmp_path, orthanc.dicom_port)
     config = parse_config(cfg_path.read_text())
     db, store, job_pk = setup_job(config, chest_result)
+    # The tests' launcher's sender exits the process right before committing its 6th acknowledgement.
     code = ("import sys; from pathlib import Path; from lungnode.config import load_config; "
-            "from lungnode.node.results.delivery import DeliverySender; "
+            "from tests.launch import FaultySender; "
             "from lungnode.storage.db import Database; from lungnode.storage.filestore import FileStore; "
             f"c = load_config({str(cfg_path)!r}); "
-            "s = DeliverySender(c, Database(c.storage.effective_database_url), "
-            "FileStore(Path(c.storage.root), fsync=False)); s.run_once()")
-    env = {"LUNGNODE_FAULT_BEFORE_ACK": "exit:6", "PATH": "/usr/bin:/bin"}
+            "s = FaultySender(c, Database(c.storage.effective_database_url), "
+            "FileStore(Path(c.storage.root), fsync=False), ('exit', 6)); s.run_once()")
+    env = {"PATH": "/usr/bin:/bin", **({"PYTHONPATH": os.environ["PYTHONPATH"]}
+                                       if "PYTHONPATH" in os.environ else {})}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                           timeout=120)
-    assert proc.returncode == 70, proc.stderr.decode()[-2000:]
+    assert proc.returncode == FAULT_EXIT_STATUS, proc.stderr.decode()[-2000:]
     d = delivery(db, job_pk)
     assert d.state == "pending" and len(d.acknowledged) == 5  # the 6th was stored, not recorded
     assert len(orthanc.instances()) == 6

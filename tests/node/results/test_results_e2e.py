@@ -1,7 +1,8 @@
 """End to end through ``lungnode run``: DCMTK storescu sends the real chest CT; the node segments
 it (random-weights tiny bundle via the checkpoint API; threshold lung mask), builds SEG + SR + SC
 and sends them to a real Orthanc, which shows them in the source study referencing the source
-series. The node is killed (SIGKILL, children too) while sending, restarted, and finishes the
+series. The node is killed (SIGKILL, children too) while sending, restarted (plain ``lungnode run``
+this time), and finishes the
 delivery with no duplicate in Orthanc. Then the CLI: ``check-destination`` and ``resend`` (same
 UIDs, so Orthanc's count does not change)."""
 
@@ -14,13 +15,13 @@ from typing import Any
 
 import pydicom
 import pytest
-from node_process import LungnodeProcess
-from orthanc import OrthancServer
-from results_factory import make_tiny_bundle
 from sqlalchemy import select
 
 from lungnode.storage.db import Database
 from lungnode.storage.models import Delivery, Job, Output
+from tests.node.results.results_factory import make_tiny_bundle
+from tests.node_process import LungnodeProcess
+from tests.orthanc import OrthancServer
 
 
 def _delivery(db: Database) -> tuple[str, list[str]]:
@@ -31,13 +32,11 @@ def _delivery(db: Database) -> tuple[str, list[str]]:
 
 @pytest.mark.slow  # ~90-120 s on the shared 2-core machine (tiny model inference on CPU)
 def test_storescu_to_node_to_orthanc_with_restart_mid_send(
-        tmp_path: Path, orthanc: OrthancServer, chest_ct_dir: Path, dcmtk_env: dict[str, str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, orthanc: OrthancServer, chest_ct_dir: Path, dcmtk_env: dict[str, str]) -> None:
     bundle = make_tiny_bundle(tmp_path / "tiny.safetensors")
     overrides: dict[str, Any] = {
         "completion": {"quiet_period_s": 20.0, "grace_s": 1.0, "poll_s": 0.1},
-        "jobs": {"local_workers": 1, "poll_s": 0.2,
-                 "engine_factory": "lungnode.node.dispatch.pipeline:engine_from_config"},
+        "jobs": {"local_workers": 1, "poll_s": 0.2},
         "inference": {"model": str(bundle), "device": "cpu", "threads": 1},
         "results": {"quality_gate": {"enabled": False}},
         "destinations": [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
@@ -47,10 +46,9 @@ def test_storescu_to_node_to_orthanc_with_restart_mid_send(
     }
     files = sorted(chest_ct_dir.glob("*.dcm"))
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
-    # First run: the sender blocks right after Orthanc stored its 10th instance, before our
-    # acknowledgement is committed; then the node is killed.
-    monkeypatch.setenv("LUNGNODE_FAULT_BEFORE_ACK", "hang:10")
-    node = LungnodeProcess(tmp_path / "node", overrides).start()
+    # First run (through the tests' launcher): the sender blocks right after Orthanc stored its
+    # 10th instance, before our acknowledgement is committed; then the node is killed.
+    node = LungnodeProcess(tmp_path / "node", overrides, hooks=("--fault-before-ack", "hang:10")).start()
     try:
         subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",
                         str(node.port), *map(str, files)], env=dcmtk_env, check=True,
@@ -66,7 +64,6 @@ def test_storescu_to_node_to_orthanc_with_restart_mid_send(
         assert len(orthanc.instances()) == 10
     finally:
         node.kill()
-    monkeypatch.delenv("LUNGNODE_FAULT_BEFORE_ACK")
     with LungnodeProcess(tmp_path / "node", overrides, port=node.port) as node2:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and _delivery(db)[0] != "sent":

@@ -16,7 +16,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from results_factory import make_result
 from sqlalchemy import select
 
 from lungnode.config import Config, QualityGateConfig, parse_config
@@ -27,6 +26,7 @@ from lungnode.node.dispatch.quality import check_quality
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study
+from tests.node.results.results_factory import make_result
 
 
 class ThresholdEngine:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from orthanc import OrthancServer
 
 from lungnode.inference.comparison import Comparison, PriorFigures, impression, report_to_dict
 from lungnode.inference.report import severity_for
@@ -19,6 +18,7 @@ from lungnode.node.results.build import BuiltOutput, Profile, build_outputs
 from lungnode.node.results.common import OutputContext
 from lungnode.node.results.summary_page import LEVEL_RGB, PAGE_SIZE
 from lungnode.provenance import is_own_output
+from tests.orthanc import OrthancServer
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
@@ -97,10 +97,9 @@ def test_orthanc_stores_summary_and_pdf(tmp_path: Path, orthanc: OrthancServer,
                                         chest_result: InferenceResult) -> None:
     """Built, stored and sent by the node's own code; Orthanc keeps the page and the PDF in the
     source study."""
-    from test_results_delivery import drain, node_config, setup_job
-
     from lungnode.config import parse_config
     from lungnode.node.results.delivery import DeliverySender
+    from tests.node.results.test_results_delivery import drain, node_config, setup_job
 
     config = parse_config(node_config(tmp_path, orthanc.dicom_port,
                                       '["sr", "summary", "pdf"]').read_text())
