@@ -296,9 +296,14 @@ def assign_zones(volume: SeriesVolume, lung_labels: npt.NDArray[np.uint8],
     weights = volume.slice_thickness_weights()
     carina = (carina_index if carina_index is not None else find_carina(volume, lung_labels)) \
         if use_carina else None
-    out = np.zeros(lung_labels.shape, np.uint8)
+    n = lung_labels.shape[0]
+    rows = np.flatnonzero(lung_labels.any(axis=(1, 2)))
+    per_label = np.zeros((n, 3), np.float64)  # voxels of labels 0, 1, 2 per slice
+    for k in rows:
+        per_label[k] = np.bincount(lung_labels[k].ravel(), minlength=3)[:3]
+    table = np.zeros((n, 3), np.uint8)  # slice, lung label -> region label
     for s, value in enumerate((LUNG_RIGHT, LUNG_LEFT)):
-        counts = np.count_nonzero(lung_labels == value, axis=(1, 2)) * weights
+        counts = per_label[:, value] * weights
         if carina is None:
             zone = _split_by_volume(counts, order, (1 / 3, 2 / 3))
         else:
@@ -306,9 +311,10 @@ def assign_zones(volume: SeriesVolume, lung_labels: npt.NDArray[np.uint8],
             below_order = order[~above[order]]
             zone = np.zeros(counts.shape[0], np.int64)
             zone[~above] = 1 + _split_by_volume(counts, below_order, (0.5,))[~above]
-        region_of_slice = (3 * s + 1 + zone).astype(np.uint8)
-        mask = lung_labels == value
-        out[mask] = np.broadcast_to(region_of_slice[:, None, None], out.shape)[mask]
+        table[:, value] = 3 * s + 1 + zone
+    out = np.zeros(lung_labels.shape, np.uint8)
+    for k in rows:
+        out[k] = table[k][lung_labels[k]]
     return RegionMap(out, ZONES, "thirds" if carina is None else "carina", carina)
 
 
