@@ -184,3 +184,12 @@ def test_lobe_bundle_reports_five_lobes(tmp_path: Path, chest_ct_dir: Path) -> N
     # zones are still available on request
     assert lobe_labels_for(engine, result, ReportOptions(regions="zones")) is None
     assert severity_for(result, ReportOptions(regions="thirds")).rule == "thirds"
+
+
+def test_site_cutoffs_make_their_own_scheme() -> None:
+    from lungnode.inference.report import ReportOptions
+
+    options = ReportOptions.from_settings("zones", "pan", (">0", ">=10"), -150.0)
+    assert options.scheme.name == "site" and options.scheme.max_per_region == 2
+    assert options.scheme.score(9.99) == 1 and options.scheme.score(10.0) == 2
+    assert ReportOptions.from_settings(scheme="chung").scheme.max_per_region == 4

@@ -130,3 +130,16 @@ def test_sr_figures_read_back_equal_the_report(chest_result: InferenceResult) ->
     from_sr = PriorFigures.from_report_dict(figures, "20261102", "1.2", "sr")
     stored = PriorFigures.from_report_dict(report_to_dict(report), "20261102", "1.2", "sr")
     assert from_sr == stored and from_sr.max_score == 30 and from_sr.scheme == "pan"
+
+
+def test_key_slices_follow_the_opacity_then_the_lung_levels(chest_result: InferenceResult) -> None:
+    from lungnode.node.results.summary_page import coronal_row, key_slices
+
+    keys = key_slices(chest_result)
+    area = chest_result.infiltrate.sum(axis=(1, 2))
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert int(np.argmax(area)) in keys  # the most involved slice is shown
+    lung_rows = np.flatnonzero(chest_result.lung_labels.any(axis=(1, 2)))
+    assert all(k in lung_rows for k in keys)
+    rows = np.flatnonzero(chest_result.infiltrate.any(axis=(0, 2)))
+    assert rows[0] <= coronal_row(chest_result.lung_labels > 0, chest_result.infiltrate) <= rows[-1]
