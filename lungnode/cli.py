@@ -3,7 +3,9 @@
 Each area registers its subcommands in its own module through a ``register(subparsers)``
 function listed in :data:`COMMAND_MODULES`; this file only assembles them. Every command reads the
 configuration once (``--config`` or ``$LUNGNODE_CONFIG`` or the embedded defaults); a bad file
-prints the key, value and expectation and exits 2.
+prints the key, value and expectation and exits 2. ``--config PATH`` is accepted before the
+subcommand and after it (``lungnode run --config PATH``), at every level of nested subcommands;
+given twice, the one after the subcommand wins.
 """
 
 from __future__ import annotations
@@ -23,17 +25,34 @@ from lungnode.config import Config, ConfigError, load_config
 COMMAND_MODULES: tuple[ModuleType, ...] = (basic, training, node, ops, dispatch, results)
 
 EXIT_CONFIG = 2
+CONFIG_HELP = "config file (default: $LUNGNODE_CONFIG, else embedded defaults)"
+
+
+def _add_config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` to every subcommand parser below ``parser`` (recursively).
+
+    The subcommand's option has no default (``SUPPRESS``), so it only overrides the top-level
+    value when it is given.
+    """
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            if not any("--config" in a.option_strings for a in sub._actions):
+                sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                                 help=CONFIG_HELP)
+            _add_config_everywhere(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full argument parser."""
     parser = argparse.ArgumentParser(prog="lungnode", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lungnode {__version__}")
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help="config file (default: $LUNGNODE_CONFIG, else embedded defaults)")
+    parser.add_argument("--config", metavar="PATH", default=None, help=CONFIG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(subparsers)
+    _add_config_everywhere(parser)
     return parser
 
 

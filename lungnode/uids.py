@@ -27,7 +27,7 @@ ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 #: all versions): sent in the A-ASSOCIATE-AC and written in the file meta of received instances.
 IMPLEMENTATION_CLASS_UID = "2.25.308344969267876139590962120053086323396"
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 class InvalidUIDError(ValueError):
@@ -42,7 +42,7 @@ class InvalidUIDError(ValueError):
 
 def is_valid_uid(value: object) -> bool:
     """Return whether ``value`` is a string following the DICOM UID grammar."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def require_uid(attribute: str, value: object) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from tests.node_process import free_port  # tests/ is on sys.path wherever this module is imported
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 
@@ -37,13 +38,21 @@ class OrthancServer:
         Orthanc's AE title.
     tls:
         Optional DICOM TLS for Orthanc's listener: PEM paths ``cert``, ``key``, ``ca``.
+    dicomweb:
+        Load the DICOMweb plugin (Debian ``orthanc-dicomweb``): STOW-RS/QIDO-RS/WADO-RS under
+        ``/dicom-web/``.
+    users:
+        HTTP basic authentication: ``{user: password}`` (none: no authentication).
     """
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", tls: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", tls: dict[str, str] | None = None, *,
+                 dicomweb: bool = False, users: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         #: DICOM TLS: ``{"cert": PEM, "key": PEM, "ca": PEM}`` (client certificates not required).
         self.tls = tls
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -78,6 +87,11 @@ class OrthancServer:
             "HttpThreadsCount": 4,
             "DicomThreadsCount": 4,
         }
+        if self.dicomweb:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
+        if self.users:
+            config.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
         if self.tls:
             config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": self.tls["cert"],
                            "DicomTlsPrivateKey": self.tls["key"],
@@ -122,9 +136,21 @@ class OrthancServer:
         """Base URL of the REST API."""
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
+
     def get(self, path: str) -> Any:
-        """GET a REST resource and decode its JSON."""
-        with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+        """GET a REST resource and decode its JSON (as the first registered user, if any)."""
+        import base64
+
+        request = urllib.request.Request(self.url + path)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return json.loads(resp.read())
 
     def instances(self) -> list[str]:

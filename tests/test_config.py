@@ -29,6 +29,8 @@ def test_shipped_config_toml_is_valid_and_equals_defaults() -> None:
         ("[node]\nport = 'x'\n", "node.port", "an integer"),
         ("[node]\nae_title = 'A\\\\B'\n", "node.ae_title", "AE title"),
         ("[node]\nbogus = 1\n", "node.bogus", "a known key"),
+        ("[node]\nbind = 'localhost'\n", "node.bind", "an IP address"),
+        ("[metrics]\nbind = '0.0.0.300'\n", "metrics.bind", "an IP address"),
         ("[[node.peers]]\nae_title = 'PACS'\nhost = 'not-an-ip'\n", "node.peers[0].host", "CIDR"),
         ("[storage]\ndatabase_url = 'mysql://x'\n", "storage.database_url", "postgresql"),
         ("[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = 'h'\nobjects = ['png']\n",

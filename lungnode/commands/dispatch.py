@@ -117,35 +117,12 @@ def _reprocess(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _explain_lines(db: Database, config: Config, series_uid: str, verbose: bool) -> list[str] | None:
-    from lungnode.node.dispatch.completion import OWN_OUTPUT_RULE
-    from lungnode.node.dispatch.rules import Decision, decide, format_decision, format_features, load_features
-    from lungnode.storage.models import Series
-
-    with db.session() as s:
-        series = s.scalar(select(Series).where(Series.series_uid == series_uid))
-        if series is None:
-            return None
-        features = load_features(s, series)
-        state, stored = series.state, f"{series.decision or '-'} ({series.decision_rule or '-'})"
-    decision = (Decision("exclude", OWN_OUTPUT_RULE) if features.own_output
-                else decide(config.rules, features))
-    if not verbose:
-        return [f"{decision.action:<8} {decision.rule:<20} {state:<10} {features.slices:>5} "
-                f"{series_uid}"]
-    lines = [f"series {series_uid}: state {state}, stored decision {stored}"]
-    lines += ["features: " + line for line in format_features(features)]
-    if features.own_output:
-        lines.append(f"decision: exclude (rule: {OWN_OUTPUT_RULE}: made by lungnode, never dispatched)")
-    else:
-        lines += format_decision(decision)
-    return lines
-
-
 def _explain(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.node.dispatch.explain import explain_lines
+
     db = _db(config)
     try:
-        lines = _explain_lines(db, config, args.series_uid, verbose=True)
+        lines = explain_lines(db, config, args.series_uid, verbose=True)
     finally:
         db.dispose()
     if lines is None:
@@ -156,6 +133,7 @@ def _explain(args: argparse.Namespace, config: Config) -> int:
 
 
 def _dry_run(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.node.dispatch.explain import explain_lines
     from lungnode.storage.models import Series
 
     db = _db(config)
@@ -164,7 +142,7 @@ def _dry_run(args: argparse.Namespace, config: Config) -> int:
             uids = list(s.scalars(select(Series.series_uid).order_by(Series.id)).all())
         print(f"{'decision':<8} {'rule':<20} {'state':<10} {'slices':>5} series")
         for uid in uids:
-            print("\n".join(_explain_lines(db, config, uid, verbose=args.verbose) or []))
+            print("\n".join(explain_lines(db, config, uid, verbose=args.verbose) or []))
         print(f"{len(uids)} series")
     finally:
         db.dispose()

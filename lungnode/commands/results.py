@@ -39,9 +39,17 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
         print(f"no destination named {args.name!r} (configured: "
               f"{', '.join(d.name for d in config.destinations) or 'none'})", file=sys.stderr)
         return EXIT_FAIL
+    shadow = " (shadow mode: results are recorded, never sent)" if dest.mode == "shadow" else ""
+    if dest.kind == "stow-rs":
+        from lungnode.node.results.stowrs import check_stow
+
+        stow = check_stow(dest, timeout=config.delivery.timeout_s)
+        print(f"destination {dest.name}: STOW-RS {dest.url} (auth {dest.auth}){shadow}")
+        print(f"  {'OK' if stow.ok else 'FAILED'}: {stow.detail}")
+        return 0 if stow.ok else EXIT_FAIL
     report = check_destination(dest, timeout=config.delivery.timeout_s)
     print(f"destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}"
-          f"{' (TLS)' if dest.tls.cert or dest.tls.ca else ''}")
+          f"{' (TLS)' if dest.tls.cert or dest.tls.ca else ''}{shadow}")
     if report.error:
         print(f"  FAILED: {report.error}")
         return EXIT_FAIL
@@ -76,7 +84,7 @@ def _send_now(config: Config, db: Any, store: Any, job_pk: int, names: list[str]
         else:  # a running node's delivery service took it first: wait for its outcome
             state = _wait_for_other_sender(db, delivery_id, 2 * config.delivery.timeout_s + 30)
             print(f"  {name}: {state} (by the running node)")
-        status = status if state == "sent" else EXIT_FAIL
+        status = status if state in ("sent", "shadow") else EXIT_FAIL
     return status
 
 
@@ -183,7 +191,8 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
 def register(subparsers: Any) -> None:
     """Add this module's subcommands."""
     p = subparsers.add_parser("check-destination",
-                              help="C-ECHO a destination and show which SEG/SR/SC contexts it accepts")
+                              help="C-ECHO a DICOM destination and show which SEG/SR/SC contexts it "
+                                   "accepts; ask a STOW-RS destination over QIDO-RS")
     p.add_argument("name", help="destination name from [[destinations]]")
     p.set_defaults(func=_check_destination)
     p = subparsers.add_parser("resend", help="send a job's stored results again (same UIDs)")

@@ -16,9 +16,11 @@ Sections
 ``[results]``        Output series numbering, quality gate.
 ``[report]``         Regions (zones or lobes), severity score scheme, high-opacity threshold.
 ``[priors]``         Comparison with the prior exam (off, local, pacs).
-``[[destinations]]`` Where results are sent.
+``[[destinations]]`` Where results are sent (DICOM C-STORE or DICOMweb STOW-RS; or shadow).
 ``[delivery]``       Send retries.
 ``[metrics]``        Prometheus and health endpoint.
+``[web]``            Status web pages beside ``/metrics``.
+``[[notifications]]`` Webhooks and HL7 messages about job and delivery events.
 ``[retention]``      Cleanup of old data.
 """
 
@@ -40,11 +42,12 @@ from lungnode.config.results import (
     ResultsConfig,
 )
 from lungnode.config.typed_toml import ConfigError
+from lungnode.config.web import NOTIFICATION_EVENTS, NotificationConfig, WebConfig
 
 __all__ = [
-    "ENV_CONFIG", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
+    "ENV_CONFIG", "NOTIFICATION_EVENTS", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
     "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
-    "PeerConfig", "PriorsConfig", "QualityGateConfig", "ReportConfig", "ResultsConfig",
-    "RetentionConfig", "RuleConfig", "StorageConfig", "TlsConfig", "config_path", "load_config",
-    "parse_config",
+    "NotificationConfig", "PeerConfig", "PriorsConfig", "QualityGateConfig", "ReportConfig",
+    "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig",
+    "config_path", "load_config", "parse_config",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from lungnode.config.typed_toml import ConfigError
@@ -20,3 +21,11 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(key, value, f"a number in [{low if low is not None else '-inf'}, "
                                       f"{high if high is not None else 'inf'}]")
+
+
+def check_ip(key: str, value: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, value, "an IP address") from None

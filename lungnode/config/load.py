@@ -24,6 +24,7 @@ from lungnode.config.results import (
     ResultsConfig,
 )
 from lungnode.config.typed_toml import ConfigError, build_dataclass
+from lungnode.config.web import NotificationConfig, WebConfig
 
 ENV_CONFIG = "LUNGNODE_CONFIG"
 
@@ -67,6 +68,8 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    notifications: tuple[NotificationConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The file this was read from (None: embedded defaults).
@@ -84,9 +87,15 @@ class Config:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ConfigError("destinations", names, "unique destination names")
-        if self.priors.source == "pacs" and self.priors.destination not in names:
-            raise ConfigError("priors.destination", self.priors.destination,
-                              f"one of the destinations ({', '.join(names) or 'none configured'})")
+        notification_names = [n.name for n in self.notifications]
+        if len(notification_names) != len(set(notification_names)):
+            raise ConfigError("notifications", notification_names, "unique notification names")
+        if self.priors.source == "pacs":
+            dimse = [d.name for d in self.destinations if d.kind == "dimse"]
+            if self.priors.destination not in dimse:
+                raise ConfigError("priors.destination", self.priors.destination,
+                                  f"one of the DICOM (kind = 'dimse') destinations "
+                                  f"({', '.join(dimse) or 'none configured'})")
 
     def destination(self, name: str) -> DestinationConfig:
         """Return the destination called ``name`` (KeyError if none)."""

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lungnode.config.checks import check_ae, check_range
+from lungnode.config.checks import check_ae, check_ip, check_range
 from lungnode.config.typed_toml import ConfigError
 
 
@@ -91,16 +91,18 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     #: On SIGTERM, seconds open associations get to finish before they are aborted.
     shutdown_grace_s: float = 30.0
+    #: Connections that have not completed their association request (half-open: port scanners,
+    #: slow or stuck peers) held at once per listener process; a new one beyond this closes the
+    #: oldest of them.
+    max_pending_connections: int = 32
 
     def validate(self, key: str) -> None:
         check_ae(f"{key}.ae_title", self.ae_title)
-        try:
-            ipaddress.ip_address(self.bind)
-        except ValueError:
-            raise ConfigError(f"{key}.bind", self.bind, "an IP address") from None
+        check_ip(f"{key}.bind", self.bind)
         check_range(f"{key}.port", self.port, 1, 65535)
         check_range(f"{key}.max_associations", self.max_associations, 1, 1000)
         check_range(f"{key}.listener_processes", self.listener_processes, 1, 64)
+        check_range(f"{key}.max_pending_connections", self.max_pending_connections, 1, 1000)
         for i, peer in enumerate(self.peers):
             peer.validate(f"{key}.peers[{i}]")
         self.tls.validate(f"{key}.tls")
@@ -123,6 +125,9 @@ class StorageConfig:
     #: Write received instances with O_DIRECT (straight to disk, no page-cache copy) when fsync is
     #: on and the filesystem takes it; page-cache writes otherwise.
     direct_io: bool = True
+    #: Largest data set (MiB, as received; deflated ones also after inflating) a C-STORE may carry;
+    #: a larger one is refused with 0xA700 (out of resources) while its bytes are dropped.
+    max_dataset_mb: int = 2048
 
     @property
     def root_path(self) -> Path:
@@ -138,6 +143,7 @@ class StorageConfig:
         if not self.root:
             raise ConfigError(f"{key}.root", self.root, "a folder path")
         check_range(f"{key}.min_free_disk_mb", self.min_free_disk_mb, 0)
+        check_range(f"{key}.max_dataset_mb", self.max_dataset_mb, 1, 1 << 20)
         if self.database_url and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.database_url):
             raise ConfigError(f"{key}.database_url", self.database_url,
                               "empty, sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from lungnode.config.checks import check_range
+from lungnode.config.checks import check_ip, check_range
 from lungnode.config.typed_toml import ConfigError
 
 
@@ -28,10 +27,7 @@ class MetricsConfig:
     queue_stall_s: float = 900.0
 
     def validate(self, key: str) -> None:
-        try:
-            ipaddress.ip_address(self.bind)
-        except ValueError:
-            raise ConfigError(f"{key}.bind", self.bind, "an IP address") from None
+        check_ip(f"{key}.bind", self.bind)
         check_range(f"{key}.port", self.port, 1, 65535)
         check_range(f"{key}.worker_stale_s", self.worker_stale_s, 1, 86400)
         check_range(f"{key}.queue_stall_s", self.queue_stall_s, 1, 7 * 86400)

@@ -1,10 +1,12 @@
-"""Configuration of results: ``[results]`` (quality gate), ``[report]`` (regions, severity score),
-``[priors]`` (comparison with the prior exam), ``[[destinations]]`` and ``[delivery]``."""
+"""Configuration of results: ``[results]`` (quality gate, label), ``[report]`` (regions, severity
+score), ``[priors]`` (comparison with the prior exam), ``[[destinations]]`` (DICOM, STOW-RS, shadow)
+and ``[delivery]``."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lungnode.config.checks import check_ae, check_range
 from lungnode.config.node import TlsConfig
@@ -37,6 +39,8 @@ class ResultsConfig:
     series_number_base: int = 9100
     #: Manufacturer written into every output (also how loop protection recognises them).
     manufacturer: str = "lungnode"
+    #: Start every output's SeriesDescription with "NOT FOR CLINICAL USE" (validation, research).
+    label_not_for_clinical_use: bool = False
     quality_gate: QualityGateConfig = field(default_factory=QualityGateConfig)
 
     def validate(self, key: str) -> None:
@@ -100,12 +104,26 @@ class PriorsConfig:
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    """A DICOM peer that receives results."""
+    """Where results go: a DICOM peer (C-STORE) or a DICOMweb STOW-RS service."""
 
     name: str
-    ae_title: str
-    host: str
+    #: ``dimse`` (C-STORE to ae_title@host:port) or ``stow-rs`` (DICOMweb POST to ``url``).
+    kind: str = "dimse"
+    #: ``send``, or ``shadow``: build and record everything, send nothing (validation before go-live).
+    mode: str = "send"
+    #: DIMSE: the peer's AE title, host and port.
+    ae_title: str = ""
+    host: str = ""
     port: int = 104
+    #: STOW-RS: the DICOMweb root (``…/dicom-web``); results are POSTed to ``<url>/studies``.
+    url: str = ""
+    #: STOW-RS authentication: ``none``, ``basic`` (``username`` + password in ``secret_file``) or
+    #: ``bearer`` (token in ``secret_file``).
+    auth: str = "none"
+    username: str = ""
+    secret_file: str = ""
+    #: STOW-RS over https: PEM CA bundle to verify the server (empty: the system's CAs).
+    ca: str = ""
     #: Objects to send: any of ``seg``, ``sr``, ``sc`` (burned-in overlay series), ``summary``
     #: (the one-page report as a Secondary Capture), ``pdf`` (the page as Encapsulated PDF).
     objects: tuple[str, ...] = ("seg", "sr", "summary")
@@ -123,14 +141,28 @@ class DestinationConfig:
     #: ``host``) or ``cert``/``key`` (our client certificate) are set.
     tls: TlsConfig = field(default_factory=TlsConfig)
 
+    @property
+    def target(self) -> str:
+        """Where it goes, for messages: ``AE@host:port`` or the URL."""
+        return self.url if self.kind == "stow-rs" else f"{self.ae_title}@{self.host}:{self.port}"
+
     def validate(self, key: str) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
             raise ConfigError(f"{key}.name", self.name, "1-64 letters, digits, '_', '.', '-'")
-        check_ae(f"{key}.ae_title", self.ae_title)
-        check_ae(f"{key}.calling_ae_title", self.calling_ae_title)
-        if not self.host:
-            raise ConfigError(f"{key}.host", self.host, "a host name or address")
-        check_range(f"{key}.port", self.port, 1, 65535)
+        if self.kind not in ("dimse", "stow-rs"):
+            raise ConfigError(f"{key}.kind", self.kind, "'dimse' or 'stow-rs'")
+        if self.mode not in ("send", "shadow"):
+            raise ConfigError(f"{key}.mode", self.mode, "'send' or 'shadow'")
+        if self.kind == "dimse":
+            check_ae(f"{key}.ae_title", self.ae_title)
+            check_ae(f"{key}.calling_ae_title", self.calling_ae_title)
+            if not self.host:
+                raise ConfigError(f"{key}.host", self.host, "a host name or address")
+            check_range(f"{key}.port", self.port, 1, 65535)
+            if self.tls.cert or self.tls.key or self.tls.ca:
+                self.tls.validate(f"{key}.tls")
+        else:
+            self._validate_stow(key)
         for obj in self.objects:
             if obj not in RESULT_OBJECTS:
                 raise ConfigError(f"{key}.objects", list(self.objects),
@@ -139,8 +171,21 @@ class DestinationConfig:
             raise ConfigError(f"{key}.seg_transfer_syntax", self.seg_transfer_syntax,
                               "'explicit' or 'jpeg2000'")
         check_range(f"{key}.max_frames_per_seg", self.max_frames_per_seg, 0)
-        if self.tls.cert or self.tls.key or self.tls.ca:
-            self.tls.validate(f"{key}.tls")
+
+    def _validate_stow(self, key: str) -> None:
+        if not re.match(r"^https?://[^\s/]+", self.url):
+            raise ConfigError(f"{key}.url", self.url, "an http:// or https:// DICOMweb root URL")
+        if self.auth not in ("none", "basic", "bearer"):
+            raise ConfigError(f"{key}.auth", self.auth, "'none', 'basic' or 'bearer'")
+        if self.auth == "basic" and not self.username:
+            raise ConfigError(f"{key}.username", self.username, "a user name when auth = 'basic'")
+        if self.auth != "none" and not self.secret_file:
+            raise ConfigError(f"{key}.secret_file", self.secret_file,
+                              f"a file with the {'password' if self.auth == 'basic' else 'token'}")
+        for name in ("secret_file", "ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}.{name}", path, "an existing readable file")
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def read_series(
         try:
             ds: Dataset = pydicom.dcmread(p, defer_size="1 KB")
         except Exception as exc:  # pydicom raises many types for broken files
-            raise SeriesError(f"{p.name}: not a readable DICOM file ({exc})") from exc
+            raise SeriesError(f"{p.name}: not a readable DICOM file ({type(exc).__name__})") from exc
         _check_ct(p, ds, require_uids)
         datasets.append(ds)
     series_uids = {str(ds.get("SeriesInstanceUID", "") or "") for ds in datasets}
@@ -200,8 +200,11 @@ def read_series(
         raise SeriesError(f"files belong to {len(series_uids)} different series")
 
     headers: list[FrameHeader] = []
+    frames_of_reference: list[str | None] = []
     for p, ds in zip(paths, datasets, strict=True):
-        headers.extend(frame_headers(p, ds))
+        frames = frame_headers(p, ds)
+        headers.extend(frames)
+        frames_of_reference += [str(ds.get("FrameOfReferenceUID", "") or "")] * len(frames)
     report = check_slice_geometry(
         [h.position for h in headers],
         [h.orientation for h in headers],
@@ -209,6 +212,7 @@ def read_series(
         pixel_spacings=[h.pixel_spacing for h in headers],
         instance_numbers=[h.instance_number for h in headers],
         policy=policy,
+        frames_of_reference=frames_of_reference,
     )
     hu = _decode_all(paths, datasets, headers, report, threads)
     sorted_h = [headers[i] for i in report.order]
@@ -247,7 +251,8 @@ def _decode_all(
         try:
             arr = ds.pixel_array
         except Exception as exc:
-            raise SeriesError(f"{paths[j].name}: pixel data cannot be decoded ({exc})") from exc
+            raise SeriesError(f"{paths[j].name}: pixel data cannot be decoded "
+                              f"({type(exc).__name__})") from exc
         nf = int(ds.get("NumberOfFrames", 1) or 1)
         if nf == 1 and arr.ndim == 2:
             arr = arr[None]

@@ -1,11 +1,21 @@
 """Slice geometry validation: the one place that decides whether slices form a usable volume.
 
 This module owns every geometric rule a series must satisfy before it is turned into a volume:
-one orientation, one image size, no gantry tilt, no duplicate positions, no missing slices and a
-regular slice step. It works on plain tuples (positions, orientations, rows/columns, instance
-numbers) so that ``node/`` can call :func:`check_slice_geometry` on header-only data from its
-database without reading pixels, and ``inference/`` calls the same function before stacking
-pixels.
+one Frame of Reference, one orientation, one image size, no gantry tilt, no duplicate positions,
+no missing slices and a regular slice step. It works on plain tuples (positions, orientations,
+rows/columns, instance numbers) so that ``node/`` can call :func:`check_slice_geometry` on
+header-only data from its database without reading pixels, and ``inference/`` calls the same
+function before stacking pixels.
+
+Frame of Reference
+------------------
+Image Position and Orientation (Patient) are coordinates in the slice's Frame of Reference; slices
+of different Frames of Reference are in different coordinate systems, so nothing says how they
+lie relative to each other, and a Segmentation of the volume could name only one of them. A
+series whose slices carry more than one (non-empty) Frame of Reference UID is therefore rejected,
+even when the positions happen to line up (as in LIDC-IDRI-0314, where each slice has its own
+UID); the reason says so and names two slices that differ. Slices without the UID are not
+counted (the CT IOD requires it; the reader refuses what else is missing).
 
 Tolerances (all configurable through :class:`GeometryPolicy`)
 -------------------------------------------------------------
@@ -129,6 +139,7 @@ def check_slice_geometry(
     pixel_spacings: Sequence[Sequence[float]] | None = None,
     instance_numbers: Sequence[int | None] | None = None,
     policy: GeometryPolicy | None = None,
+    frames_of_reference: Sequence[str | None] | None = None,
 ) -> GeometryReport:
     """Validate the geometry of a stack of slices and return how to sort them.
 
@@ -147,6 +158,9 @@ def check_slice_geometry(
         InstanceNumber of each slice, used only to word error messages.
     policy:
         Tolerances; the defaults of :class:`GeometryPolicy` when omitted.
+    frames_of_reference:
+        Frame of Reference UID of each slice (None or empty when absent); ``None`` when unknown
+        (not checked).
 
     Returns
     -------
@@ -178,6 +192,10 @@ def check_slice_geometry(
             raise GeometryError(f"{labels[i]} has no valid Image Position (Patient)")
         if orientations[i] is None or len(orientations[i]) != 6:
             raise GeometryError(f"{labels[i]} has no valid Image Orientation (Patient)")
+
+    # --- frame of reference -------------------------------------------------------------------
+    if frames_of_reference is not None:
+        _check_one_frame_of_reference(frames_of_reference, labels)
 
     # --- image size ---------------------------------------------------------------------------
     distinct_sizes = sorted({(int(r), int(c)) for r, c in sizes})
@@ -293,6 +311,23 @@ def check_slice_geometry(
         regular=regular,
         max_spacing_deviation_mm=float(deviation.max()),
     )
+
+
+def _check_one_frame_of_reference(uids: Sequence[str | None], labels: Sequence[str]) -> None:
+    """Raise :class:`GeometryError` when the slices carry more than one Frame of Reference UID."""
+    first: dict[str, int] = {}
+    for i, uid in enumerate(uids):
+        key = str(uid or "").strip()
+        if key and key not in first:
+            first[key] = i
+    if len(first) > 1:
+        a, b = sorted(first.values())[:2]
+        raise GeometryError(
+            f"the slices belong to {len(first)} different Frames of Reference ({labels[a]} and "
+            f"{labels[b]} differ): their positions are not in one coordinate system, so they "
+            "cannot be stacked into one volume; the scanner or an anonymiser gave the slices "
+            "different Frame of Reference UIDs, and the series has to be re-exported with one"
+        )
 
 
 def _direction(

@@ -22,7 +22,8 @@ from lungnode.node.ingest.catalog import Catalog
 from lungnode.node.ingest.listener import Listener, ingest_file_store
 from lungnode.node.results import delivery
 from lungnode.node.service import Service
-from lungnode.ops import retention, server
+from lungnode.node.web import app as web_app
+from lungnode.ops import notify, retention
 from lungnode.ops.metrics import setup_from_config
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
@@ -33,12 +34,14 @@ log = logging.getLogger(__name__)
 ServiceFactory = Callable[[Config, Database, FileStore], Service]
 
 #: The services ``lungnode run`` starts after the listener, in this order (stopped in reverse):
-#: completion scheduler, local worker pool, delivery sender, metrics/health server, retention.
+#: completion scheduler, local worker pool, delivery sender, metrics/health server with the status
+#: pages, notification sender, retention.
 DEFAULT_SERVICES: tuple[ServiceFactory, ...] = (
     completion.make_service,
     worker.make_service,
     delivery.make_service,
-    server.make_service,
+    web_app.make_service,
+    notify.make_service,
     retention.make_service,
 )
 

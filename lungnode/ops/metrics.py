@@ -78,7 +78,7 @@ END_TO_END_SECONDS = Histogram(
     "lungnode_end_to_end_seconds",
     "Last instance received to results acknowledged by the PACS", buckets=STAGE_BUCKETS)
 DELIVERIES = Counter(
-    "lungnode_deliveries_total", "Result delivery attempts by outcome (sent, retry, dead)",
+    "lungnode_deliveries_total", "Result delivery attempts by outcome (sent, retry, dead, shadow)",
     ["outcome"])
 FREE_DISK_BYTES = Gauge("lungnode_free_disk_bytes", "Free bytes on the storage root",
                         multiprocess_mode="livemax")

@@ -43,6 +43,7 @@ from lungnode.config import Config
 from lungnode.ops import metrics
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
+from lungnode.storage.filestore import FileStore
 from lungnode.storage.models import Delivery, Instance, Job, Output, Patient, Series, Study, aware, utcnow
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,9 @@ def candidates(db: Database, root: Path) -> list[Unit]:
                 if job_pk in outputs:
                     _newer(job_pk, delivered)
         for job_pk, files in outputs.items():
+            picture = FileStore.picture_relpath(job_pk)  # the web page's picture, once drawn
+            if (root / picture).is_file():
+                files.append(picture)
             units.append(Unit("results", str(job_pk), newest.get(job_pk, utcnow()), tuple(files),
                               sum(_file_size(root, p) for p in files)))
     units.sort(key=lambda u: u.age_at)

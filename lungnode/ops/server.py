@@ -1,4 +1,4 @@
-"""The HTTP endpoint of the node: ``/metrics`` (Prometheus) and ``/healthz``.
+"""The HTTP endpoint of the node: ``/metrics`` (Prometheus), ``/healthz`` and the status pages.
 
 A stdlib :class:`~http.server.ThreadingHTTPServer` in a daemon thread, bound to
 ``[metrics] bind:port`` (loopback by default; there is no authentication, so expose it only to the
@@ -12,8 +12,13 @@ Prometheus server, e.g. through a firewall rule or a reverse proxy).
 ``GET /healthz``
     ``200`` with ``{"status": "ok", …}`` or ``503`` with ``{"status": "unhealthy", …}`` and the
     detail of each check (:mod:`lungnode.ops.health`). No patient data in either.
+Everything else (``/``, ``/series/…``, ``/jobs/…``)
+    Handed to the :class:`PageHandler` given as ``web`` (``lungnode run`` gives the status pages
+    of :mod:`lungnode.node.web` when ``[web] enabled``); without one, 404.
 
-:func:`make_service` is the ``DEFAULT_SERVICES`` entry for ``lungnode run``.
+:func:`make_service` builds the endpoint with every node check;
+:func:`lungnode.node.web.app.make_service` (the ``DEFAULT_SERVICES`` entry of ``lungnode run``)
+adds the status pages to it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import func, select
 
@@ -38,8 +45,32 @@ from lungnode.storage.models import Delivery, Job
 
 log = logging.getLogger(__name__)
 
+#: Largest form body a page handler is given.
+MAX_FORM_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a page handler answers."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class PageHandler(Protocol):
+    """Pages served beside ``/metrics`` and ``/healthz`` (the node's status pages)."""
+
+    def get(self, path: str) -> Response:
+        """Answer a GET (query string removed)."""
+
+    def post(self, path: str, form: bytes, client: str) -> Response:
+        """Answer a POST with its form body and the client's address."""
+
+
 JOB_STATES = ("queued", "running", "done", "failed", "held", "superseded")
-DELIVERY_STATES = ("pending", "sent", "dead")
+DELIVERY_STATES = ("pending", "sent", "dead", "shadow")
 
 
 def refresh_state_gauges(db: Database | None, storage_root: Path | None) -> None:
@@ -82,20 +113,45 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/healthz", "/health"):
             report = health.run_checks(self.server.checks)
             self._send(200 if report.ok else 503, report.to_json().encode(), "application/json")
+        elif self.server.web is not None:
+            self._respond(self.server.web.get(path))
         elif path == "/":
             self._send(200, b"lungnode: /metrics /healthz\n", "text/plain; charset=utf-8")
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
-    def do_HEAD(self) -> None:
-        self._send(200 if self.path.split("?", 1)[0] in ("/", "/metrics", "/healthz") else 404, b"",
-                   "text/plain")
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.server.web is None or length > MAX_FORM_BYTES:
+            self._send(404 if self.server.web is None else 413, b"no\n", "text/plain; charset=utf-8")
+            return
+        form = self.rfile.read(length)
+        self._respond(self.server.web.post(self.path.split("?", 1)[0], form, self.client_address[0]))
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _respond(self, response: Response) -> None:
+        self._send(response.status, response.body, response.content_type, response.headers)
+
+    def do_HEAD(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if self.server.web is not None and path not in ("/metrics", "/healthz", "/health"):
+            self._respond(self.server.web.get(path))  # the body is not written for HEAD
+            return
+        self._send(200 if path in ("/", "/metrics", "/healthz") else 404, b"", "text/plain")
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        extra = headers or {}
+        self.send_header("Cache-Control", extra.pop("Cache-Control", "no-store"))
+        for name, value in extra.items():
+            self.send_header(name, value)
+        if ctype.startswith("text/html"):
+            # nothing from elsewhere, no scripts: the pages work without JavaScript
+            self.send_header("Content-Security-Policy",
+                             "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+                             "form-action 'self'; frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -111,10 +167,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], checks: Sequence[health.Check],
-                 db: Database | None, storage_root: Path | None) -> None:
+                 db: Database | None, storage_root: Path | None, web: PageHandler | None = None) -> None:
         self.checks = list(checks)
         self.db = db
         self.storage_root = storage_root
+        self.web = web
         super().__init__(address, _Handler)
 
 
@@ -134,13 +191,15 @@ class MetricsService:
         whose exporter already serves the shared metrics folder).
     enabled:
         ``False``: :meth:`start` does nothing.
+    web:
+        The status pages to serve beside ``/metrics`` (``None``: none).
     """
 
     name = "metrics"
 
     def __init__(self, bind: str, port: int, checks: Sequence[Callable[[], health.CheckResult]],
                  db: Database | None = None, storage_root: Path | None = None, *,
-                 optional: bool = False, enabled: bool = True) -> None:
+                 optional: bool = False, enabled: bool = True, web: PageHandler | None = None) -> None:
         self.bind = bind
         self.port = port
         self.checks = list(checks)
@@ -148,6 +207,7 @@ class MetricsService:
         self.storage_root = storage_root
         self.optional = optional
         self.enabled = enabled
+        self.web = web
         self._server: MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -158,7 +218,7 @@ class MetricsService:
             return
         try:
             self._server = MetricsHTTPServer((self.bind, self.port), self.checks, self.db,
-                                             self.storage_root)
+                                             self.storage_root, self.web)
         except OSError as exc:
             if self.optional and exc.errno == errno.EADDRINUSE:
                 log.info("metrics: %s:%d in use; another lungnode process exports this machine's "
@@ -188,7 +248,7 @@ class MetricsService:
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> MetricsService:
-    """``DEFAULT_SERVICES`` entry of ``lungnode run``: the endpoint with every node check.
+    """The endpoint with every node check (``lungnode run`` adds the pages: :mod:`lungnode.node.web`).
 
     Parameters
     ----------

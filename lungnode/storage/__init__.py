@@ -1,2 +1,3 @@
 """Durable state: SQLAlchemy tables (:mod:`.models`), the database (:mod:`.db`), the file
-store (:mod:`.filestore`) and the append-only audit trail (:mod:`.audit`)."""
+store (:mod:`.filestore`), the append-only audit trail (:mod:`.audit`) and leased claims of rows
+sent with retries (:mod:`.lease`)."""

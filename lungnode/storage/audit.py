@@ -26,7 +26,9 @@ EVENTS = (
     "job_queued", "job_done", "job_failed", "job_held", "job_released",
     "delivered",        # results acknowledged by a destination
     "delivery_dead",    # retries exhausted
+    "delivery_shadow",  # a shadow destination: what would have been sent (nothing was)
     "cleanup",          # retention deleted data
+    "web_action",       # an operator's release/retry/resend/reprocess from the web page (who, outcome)
 )
 
 

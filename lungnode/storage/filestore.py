@@ -5,6 +5,7 @@ Layout under the storage root::
     <root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm      received, version 1
     <root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.v2.dcm   a later different copy
     <root>/results/<job id>/<kind>-<SOPInstanceUID>.dcm                   our outputs
+    <root>/web/job-<job id>.png                                           a job's picture (web page)
     <root>/.tmp/                                                          in-flight writes
 
 Every UID is checked against the DICOM grammar before it becomes a path. A write goes to a temp
@@ -235,6 +236,11 @@ class FileStore:
         if kind not in ("seg", "sr", "sc", "summary", "pdf"):
             raise ValueError(f"unknown output kind {kind!r}")
         return f"results/{int(job_id)}/{kind}-{sop}.dcm"
+
+    @staticmethod
+    def picture_relpath(job_id: int) -> str:
+        """Relative path of a job's picture on the status web page (deleted with its results)."""
+        return f"web/job-{int(job_id)}.png"
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored relative path."""

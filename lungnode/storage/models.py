@@ -15,6 +15,8 @@ Tables
     One row per (job, destination): sent exactly once, with retries.
 ``audit_events``
     Append-only audit trail.
+``notifications``, ``notification_cursor``
+    Webhook notifications made from audit events, and how far the audit trail has been read.
 
 Patient name and ID are stored (they are needed to answer the PACS) but never logged at INFO.
 """
@@ -230,6 +232,24 @@ class Job(Base):
                                                                  nullable=True)
 
 
+class LeasedSend:
+    """Columns of a row sent to someone under a lease, with retries (deliveries, notifications).
+
+    A sender claims a ``pending`` row whose ``next_attempt_at`` has passed and whose lease is free
+    (:func:`lungnode.storage.lease.take_lease`); a failed attempt counts in ``attempts`` and sets
+    the next ``next_attempt_at``.
+    """
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+
 class Output(Base):
     """A DICOM object a job wrote (SEG, SR or SC instance)."""
 
@@ -248,26 +268,20 @@ class Output(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Delivery(Base):
+class Delivery(LeasedSend, Base):
     """Sending one job's results to one destination, exactly once.
 
     States: ``pending`` → ``sent`` | ``dead`` (retries exhausted) | ``cancelled`` (the job was
-    superseded before this delivery was sent).
+    superseded before this delivery was sent) | ``shadow`` (a ``mode = "shadow"`` destination:
+    what it would have received is recorded, nothing is sent).
     """
 
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("job_pk", "destination"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_pk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    lease_owner: Mapped[str] = mapped_column(String(128), default="")
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
-                                                                 nullable=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
     #: SOP Instance UIDs the peer has acknowledged with a success status.
     acknowledged: Mapped[list[Any]] = mapped_column(JSON, default=list)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -296,3 +310,42 @@ class HealthProbe(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Notification(LeasedSend, Base):
+    """One event to tell one ``[[notifications]]`` receiver, sent at least once.
+
+    Made from an audit event (``job_done``, ``job_held``, ``job_failed``, ``delivered``,
+    ``delivery_dead``) by the notification service; unique per (audit event, receiver).
+    States: ``pending`` → ``sent`` | ``dead`` (retries exhausted).
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("audit_event_id", "notification"),
+                      Index("ix_notifications_due", "state", "next_attempt_at"))
+
+    #: The receiver's name in ``[[notifications]]``.
+    notification: Mapped[str] = mapped_column(String(64))
+    #: ``done``, ``held``, ``failed``, ``delivered`` or ``dead_letter``.
+    event: Mapped[str] = mapped_column(String(16))
+    audit_event_id: Mapped[int] = mapped_column(Integer)
+    job_pk: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    #: The JSON body as sent (the same bytes on every attempt).
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: HTTP status of the last answer (None: no answer).
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class NotificationCursor(Base):
+    """How far the notification service has read the audit trail (one row, id 1).
+
+    Each pass reads audit ids above ``last_audit_id - LOOKBACK_IDS`` (:mod:`lungnode.ops.notify`);
+    the first pass sets it that far past the end of the trail, so history is never notified.
+    """
+
+    __tablename__ = "notification_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_audit_id: Mapped[int] = mapped_column(Integer, default=0)

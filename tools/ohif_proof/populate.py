@@ -156,8 +156,8 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
             mods = {str(x["MainDicomTags"].get("Modality")) for x in series}
             others = [x for x in series
                       if str(x["MainDicomTags"].get("Modality")) not in ("CT", "SEG", "SR")]
-            pages = [x for x in others if str(x["MainDicomTags"].get(
-                "SeriesDescription", "")).startswith("AI lung report page")]
+            pages = [x for x in others if "AI lung report page" in str(x["MainDicomTags"].get(
+                "SeriesDescription", ""))]
             overlay = [len(x["Instances"]) for x in others if x not in pages]
             return ("SEG" in mods and "SR" in mods and bool(overlay) and max(overlay) >= n_ct
                     and bool(pages))

@@ -172,7 +172,7 @@ def _shows(page: OhifPage, sop_uid: str) -> bool:
 
 def _is_summary(series: dict[str, Any]) -> bool:
     """The summary page series (lungnode's "AI lung report page")."""
-    return str(series["MainDicomTags"].get("SeriesDescription", "")).startswith("AI lung report page")
+    return "AI lung report page" in str(series["MainDicomTags"].get("SeriesDescription", ""))
 
 
 def _image_sops(page: OhifPage) -> list[str]:

@@ -7,9 +7,28 @@ classes and context negotiation), then reads P-DATA-TF PDUs: command fragments a
 decoded; data set fragments go straight to the :class:`DatasetSink` the hooks open for the C-STORE
 (a temp file), in chunks as they arrive, so a large instance is never held whole in memory by this
 module. When the last fragment arrived the hooks decide the status, and the C-STORE-RSP is sent.
-C-ECHO is answered here. A-RELEASE-RQ is answered with A-RELEASE-RP; a protocol violation gets an
-A-ABORT; a lost or timed-out connection ends the association as aborted. A partly received data set
-is always discarded.
+C-ECHO is answered here (on the Verification context only). A-RELEASE-RQ is answered with
+A-RELEASE-RP; a protocol violation gets an A-ABORT; a lost connection ends the association as
+aborted. A partly received data set is always discarded.
+
+Bounds on what a peer can make the node hold (memory, threads, time):
+
+* Sizes: the A-ASSOCIATE-RQ (:data:`~lungnode.node.pdu.MAX_ASSOCIATE_RQ_BYTES`), every P-DATA-TF
+  (the maximum PDU length the node advertises), a command set
+  (:data:`~lungnode.node.pdu.MAX_COMMAND_BYTES`, checked before its bytes are read) and the
+  fixed-size PDUs (A-RELEASE-RQ) are checked against the length in their header before the body
+  is read; a larger one gets an A-ABORT. Data sets go to the sink in chunks of
+  :data:`CHUNK_BYTES` (the sink enforces the data-set size limit).
+* Time: a connection has ``acse_timeout_s`` from its accept to a complete A-ASSOCIATE-RQ; in the
+  data phase each PDU header must arrive within the idle (``network_timeout_s``, or
+  ``dimse_timeout_s`` inside a message) timeout and each PDU body within ``dimse_timeout_s`` of
+  its header. These are deadlines for the whole PDU, not per read: a watchdog thread
+  cuts a connection past its deadline, so a peer trickling a byte every few seconds cannot hold a
+  thread. An association cut by a timeout gets an A-ABORT.
+* Connections: at most ``max_pending`` connections that have not completed their
+  A-ASSOCIATE-RQ (half-open: port scanners, tricklers); a new connection beyond that closes the
+  oldest of them, so a flood of idle connections cannot keep a real caller (who sends its
+  request at once) out. ``max_connections`` bounds all connections (and threads).
 
 This replaces pynetdicom's association threads (a DUL thread and a reactor thread polling each
 other every millisecond), which were most of the cost of a C-STORE on the node's machines.
@@ -22,14 +41,18 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import IO, Protocol
 
 from pynetdicom.presentation import PresentationContext
 
+from lungnode.logs import log_exception
 from lungnode.node.dimse import pdu
+from lungnode.node.dimse.connection import Connection, cut_late, read_exact
 from lungnode.node.dimse.pdu import AssociationRequest, Command, ProtocolError
 from lungnode.ops import metrics
+from lungnode.uids import VERIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +62,10 @@ CHUNK_BYTES = 1 << 20
 READ_BUFFER_BYTES = 1 << 18
 #: Status "unrecognized operation" (PS3.7 C.5.9), for commands other than C-ECHO and C-STORE.
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
+#: Status "refused: SOP class not supported" (PS3.7 C.5), e.g. a C-ECHO on a storage context.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: How often the watchdog looks for connections past their deadline (seconds, at most).
+WATCHDOG_PERIOD_S = 0.25
 
 #: A-ASSOCIATE-RJ (result, source, reason) for an unsupported application context / protocol.
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
@@ -98,26 +125,13 @@ class AcceptorSettings:
     network_timeout_s: float = 60.0
     #: Most open connections (negotiating or associated); more are closed at once.
     max_connections: int = 66
+    #: Most connections that have not completed their A-ASSOCIATE-RQ; a new one beyond this closes
+    #: the oldest of them.
+    max_pending: int = 32
     ssl_context: ssl.SSLContext | None = None
     reuse_port: bool = False
     #: Largest P-DATA-TF PDU accepted from the peer (sent in the A-ASSOCIATE-AC; 0: no limit).
     max_pdu: int = 0
-
-
-class _Connection:
-    """One accepted connection, served by its own thread."""
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
-        self.peer = peer
-        #: "connected" → "negotiating" (RQ read) → "associated" → "closed".
-        self.state = "connected"
-        self.thread: threading.Thread | None = None
-        self._send_lock = threading.Lock()
-
-    def send(self, data: bytes) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
 
 
 class Acceptor:
@@ -137,9 +151,10 @@ class Acceptor:
         self.negotiator = pdu.Negotiator(settings.contexts, max_pdu=settings.max_pdu)
         self._server: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -155,6 +170,19 @@ class Acceptor:
         self._accept_thread = threading.Thread(target=self._accept_loop, name="lungnode-accept",
                                                daemon=True)
         self._accept_thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="lungnode-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Cut connections whose PDU (or association request) is not complete by its deadline."""
+        settings = self.settings
+        timeouts = [t for t in (settings.acse_timeout_s, settings.dimse_timeout_s,
+                                settings.network_timeout_s) if t]
+        period = min([WATCHDOG_PERIOD_S, *(t / 4 for t in timeouts)])
+        while not self._stopping.wait(period):
+            with self._lock:
+                connections = list(self._connections)
+            cut_late(connections, time.monotonic())
 
     def stop_accepting(self) -> None:
         """Close the listening socket (open associations go on)."""
@@ -202,31 +230,43 @@ class Acceptor:
                 log.exception("accept failed")
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Connection(sock, str(address[0]))
+            acse = self.settings.acse_timeout_s
+            conn = Connection(sock, str(address[0]), time.monotonic() + acse if acse else None)
             with self._lock:
-                if len(self._connections) >= self.settings.max_connections:
+                pending = sorted((c for c in self._connections if c.state == "connected" and not c.cut),
+                                 key=lambda c: c.opened)
+                evict = None
+                if pending and (len(pending) >= self.settings.max_pending or
+                                len(self._connections) >= self.settings.max_connections):
+                    evict = pending[0]
+                elif len(self._connections) >= self.settings.max_connections:
                     log.warning("connection from %s closed: %d connections open", conn.peer,
                                 len(self._connections))
                     sock.close()
                     continue
                 self._connections.add(conn)
+            if evict is not None:
+                log.warning("connection from %s closed after %.1f s without an association request: "
+                            "%d connections are waiting for theirs", evict.peer,
+                            time.monotonic() - evict.opened, len(pending))
+                metrics.ASSOCIATIONS.labels(outcome="half-open-closed").inc()
+                evict.cut_off("evicted")
             conn.thread = threading.Thread(target=self._serve, args=(conn,), name="lungnode-assoc",
                                            daemon=True)
             conn.thread.start()
 
-    def _serve(self, conn: _Connection) -> None:
+    def _serve(self, conn: Connection) -> None:
         try:
             self._serve_connection(conn)
-        except Exception:
-            log.exception("association thread failed (peer %s)", conn.peer)
+        except Exception as exc:
+            log_exception(log, "association thread failed (peer %s)", exc, conn.peer)
         finally:
             conn.state = "closed"
-            with contextlib.suppress(OSError):
-                conn.sock.close()
+            conn.close()
             with self._lock:
                 self._connections.discard(conn)
 
-    def _serve_connection(self, conn: _Connection) -> None:
+    def _serve_connection(self, conn: Connection) -> None:
         settings = self.settings
         sock = conn.sock
         sock.settimeout(settings.acse_timeout_s)
@@ -243,15 +283,19 @@ class Acceptor:
             if request is None:
                 return
             conn.state = "negotiating"
+            conn.deadline = None
             rejection = self._check_request(request)
             if rejection is None:
                 rejection = self.hooks.requested(request, conn.peer)
             if rejection is not None:
-                with contextlib.suppress(OSError):
-                    conn.send(pdu.associate_rj(*rejection))
-                    sock.shutdown(socket.SHUT_WR)
+                self._reject(conn, rejection)
                 return
-            negotiated = self.negotiator.negotiate(request)
+            try:
+                negotiated = self.negotiator.negotiate(request)
+            except ProtocolError as exc:
+                log.warning("connection from %s: %s", conn.peer, exc)
+                conn.abort(exc.reason)
+                return
             token = self.hooks.accepted(request, conn.peer)
             outcome = "aborted"
             try:
@@ -266,23 +310,36 @@ class Acceptor:
         finally:
             reader.close()
 
-    def _read_request(self, conn: _Connection, reader: IO[bytes]) -> AssociationRequest | None:
+    @staticmethod
+    def _reject(conn: Connection, rejection: tuple[int, int, int]) -> None:
+        with contextlib.suppress(OSError):
+            conn.send(pdu.associate_rj(*rejection))
+            conn.sock.shutdown(socket.SHUT_WR)
+
+    def _read_request(self, conn: Connection, reader: IO[bytes]) -> AssociationRequest | None:
         try:
-            header = _read_exact(reader, 6)
+            header = read_exact(reader, 6)
             pdu_type, length = pdu.pdu_header(header)
-            if pdu_type != pdu.A_ASSOCIATE_RQ_TYPE or length > pdu.MAX_ASSOCIATE_RQ_BYTES:
-                log.warning("connection from %s: expected A-ASSOCIATE-RQ, got PDU type 0x%02X (%d bytes)",
-                            conn.peer, pdu_type, length)
-                with contextlib.suppress(OSError):
-                    conn.send(pdu.abort_pdu(reason=pdu.ABORT_REASON_UNEXPECTED_PDU))
-                return None
-            return self.negotiator.decode(header + _read_exact(reader, length))
-        except ProtocolError as exc:
-            log.warning("connection from %s: %s", conn.peer, exc)
-            with contextlib.suppress(OSError):
-                conn.send(pdu.abort_pdu(reason=exc.reason))
+            if pdu_type != pdu.A_ASSOCIATE_RQ_TYPE:
+                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                                    pdu.ABORT_REASON_UNEXPECTED_PDU)
+            if length > pdu.MAX_ASSOCIATE_RQ_BYTES:
+                raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, more than "
+                                    f"{pdu.MAX_ASSOCIATE_RQ_BYTES}")
+            return self.negotiator.decode(header + read_exact(reader, length))
+        except pdu.RequestRejectedError as exc:
+            log.warning("connection from %s rejected: %s", conn.peer, exc)
+            metrics.ASSOCIATIONS.labels(outcome="rejected-malformed").inc()
+            self._reject(conn, exc.rejection)
             return None
-        except (OSError, EOFError):  # closed or timed out before a request (e.g. a port probe)
+        except ProtocolError as exc:
+            log.warning("connection from %s aborted: %s", conn.peer, exc)
+            conn.abort(exc.reason)
+            return None
+        except (OSError, EOFError) as exc:  # closed, timed out or cut before a request (port probe)
+            if conn.cut == "timeout" or isinstance(exc, TimeoutError):
+                log.info("connection from %s closed: no complete A-ASSOCIATE-RQ within %.0f s",
+                         conn.peer, self.settings.acse_timeout_s)
             return None
 
     @staticmethod
@@ -297,7 +354,7 @@ class Acceptor:
 class _DataPhase:
     """Reads PDUs of one established association until release, abort or error."""
 
-    def __init__(self, conn: _Connection, reader: IO[bytes], contexts: dict[int, tuple[str, str]],
+    def __init__(self, conn: Connection, reader: IO[bytes], contexts: dict[int, tuple[str, str]],
                  peer_max_pdu: int, hooks: AcceptorHooks, token: object,
                  settings: AcceptorSettings) -> None:
         self.conn = conn
@@ -318,31 +375,49 @@ class _DataPhase:
             return self._loop()
         except ProtocolError as exc:
             log.warning("association with %s aborted: %s", self.conn.peer, exc)
-            with contextlib.suppress(OSError):
-                self.conn.send(pdu.abort_pdu(reason=exc.reason))
+            self._abort(exc.reason)
             return "aborted"
-        except (OSError, EOFError):
+        except (OSError, EOFError) as exc:
+            if self.conn.cut or isinstance(exc, TimeoutError):
+                log.warning("association with %s aborted: no complete PDU in time (network %.0f s, "
+                            "DIMSE %.0f s)", self.conn.peer, self.settings.network_timeout_s,
+                            self.settings.dimse_timeout_s)
+                self._abort(0)
             return "aborted"
         finally:
             if self.sink is not None:
                 self.sink.discard()
                 self.sink = None
 
+    def _abort(self, reason: int) -> None:
+        self.conn.abort(reason)
+
     def _loop(self) -> str:
-        reader, sock = self.reader, self.conn.sock
+        reader, conn = self.reader, self.conn
+        sock = conn.sock
         idle_timeout = self.settings.network_timeout_s or None
         busy_timeout = self.settings.dimse_timeout_s or None
+        max_pdu = self.settings.max_pdu
         current = sock.gettimeout()
         while True:
             wanted = idle_timeout if self.command is None else busy_timeout
             if wanted != current:  # settimeout is a system call that hands the GIL away
                 sock.settimeout(wanted)
                 current = wanted
-            pdu_type, length = pdu.pdu_header(_read_exact(reader, 6))
+            now = time.monotonic()
+            conn.deadline = now + wanted if wanted else None  # the whole header, not each read
+            pdu_type, length = pdu.pdu_header(read_exact(reader, 6))
+            conn.deadline = time.monotonic() + busy_timeout if busy_timeout else None
             if pdu_type == pdu.P_DATA_TF_TYPE:
+                if max_pdu and length > max_pdu:
+                    raise ProtocolError(f"P-DATA-TF of {length} bytes, more than the maximum PDU "
+                                        f"length of {max_pdu} this node advertised")
                 self._p_data(length)
             elif pdu_type == pdu.A_RELEASE_RQ_TYPE:
-                _read_exact(reader, length)
+                if length != 4:
+                    raise ProtocolError(f"A-RELEASE-RQ of length {length} (4 expected)")
+                read_exact(reader, length)
+                conn.deadline = None
                 self.conn.send(pdu.RELEASE_RP)
                 return "released"
             elif pdu_type == pdu.A_ABORT_TYPE:
@@ -361,7 +436,7 @@ class _DataPhase:
         while remaining > 0:
             if remaining < pdu.PDV_HEADER_SIZE:
                 raise ProtocolError("P-DATA-TF with a truncated PDV item")
-            size, context_id, is_command, last = pdu.pdv_header(_read_exact(reader, pdu.PDV_HEADER_SIZE))
+            size, context_id, is_command, last = pdu.pdv_header(read_exact(reader, pdu.PDV_HEADER_SIZE))
             remaining -= pdu.PDV_HEADER_SIZE
             if size > remaining:
                 raise ProtocolError("PDV item longer than its PDU")
@@ -369,7 +444,9 @@ class _DataPhase:
             if context_id not in self.contexts:
                 raise ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
             if is_command:
-                self._command_fragment(_read_exact(reader, size), context_id, last)
+                if len(self.command_bytes) + size > pdu.MAX_COMMAND_BYTES:  # before reading it
+                    raise ProtocolError(f"command set longer than {pdu.MAX_COMMAND_BYTES} bytes")
+                self._command_fragment(read_exact(reader, size), context_id, last)
             else:
                 self._dataset_fragment(size, context_id, last)
 
@@ -386,7 +463,9 @@ class _DataPhase:
         abstract_syntax, transfer_syntax = self.contexts[context_id]
         if not command.has_dataset:
             if command.command_field == pdu.C_ECHO_RQ:
-                status = 0x0000
+                # Verification is answered on its own context only (PS3.7 9.1.5, PS3.4 A.4).
+                verification = abstract_syntax == command.affected_sop_class == VERIFICATION
+                status = 0x0000 if verification else STATUS_SOP_CLASS_NOT_SUPPORTED
             elif command.command_field == pdu.C_STORE_RQ:
                 raise ProtocolError("C-STORE-RQ without a data set")
             else:
@@ -407,7 +486,7 @@ class _DataPhase:
             raise ProtocolError("data set on another presentation context than its command")
         reader = self.reader
         while size > 0:
-            chunk = _read_exact(reader, min(size, CHUNK_BYTES))
+            chunk = read_exact(reader, min(size, CHUNK_BYTES))
             size -= len(chunk)
             sink.write(chunk)
         if not last:
@@ -415,7 +494,10 @@ class _DataPhase:
         self.command = self.sink = None
         if command.command_field == pdu.C_STORE_RQ:
             transfer_syntax = self.contexts[context_id][1]
+            deadline, self.conn.deadline = self.conn.deadline, None  # filing is not the peer's time
             status, comment = self.hooks.finish_store(self.token, command, transfer_syntax, sink)
+            if deadline is not None and self.settings.dimse_timeout_s:
+                self.conn.deadline = time.monotonic() + self.settings.dimse_timeout_s
         else:
             status, comment = STATUS_UNRECOGNIZED_OPERATION, ""
         self._respond(context_id, command, status, comment)
@@ -424,11 +506,3 @@ class _DataPhase:
         response = pdu.encode_response(command, status, comment)
         self.conn.send(pdu.p_data_pdus(context_id, response, command=True,
                                        peer_max_pdu=self.peer_max_pdu))
-
-
-def _read_exact(reader: IO[bytes], n: int) -> bytes:
-    """``n`` bytes from ``reader``; EOFError when the peer closed first."""
-    data = reader.read(n)
-    if data is None or len(data) != n:
-        raise EOFError(f"connection closed ({0 if data is None else len(data)} of {n} bytes)")
-    return data

@@ -76,6 +76,20 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+class RequestRejectedError(ProtocolError):
+    """An A-ASSOCIATE-RQ that is answered with an A-ASSOCIATE-RJ (``rejection``), not an abort."""
+
+    def __init__(self, message: str, rejection: tuple[int, int, int]) -> None:
+        super().__init__(message)
+        self.rejection = rejection
+
+
+#: A-ASSOCIATE-RJ (result, source, reason) for an empty or malformed Calling / Called AE Title:
+#: rejected-permanent, service user, calling (3) / called (7) AE title not recognised.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+
 def pdu_header(header: bytes) -> tuple[int, int]:
     """The type and length of a PDU from its 6-byte header."""
     pdu_type, length = _HEADER.unpack(header)
@@ -132,12 +146,17 @@ def decode_associate_rq(pdu: bytes) -> AssociationRequest:
     ProtocolError
         When the PDU cannot be decoded.
     """
+    check_ae_fields(pdu)
     rq = A_ASSOCIATE_RQ()
     try:
         rq.decode(pdu)
         primitive = rq.to_primitive()
     except Exception as exc:  # pynetdicom raises several types on malformed items
         raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+    for context in primitive.presentation_context_definition_list:
+        if not context.abstract_syntax or not context.transfer_syntax:
+            raise ProtocolError(f"presentation context {context.context_id} without an abstract "
+                                "syntax or transfer syntax item")
     peer_max = 0
     for item in primitive.user_information:
         if isinstance(item, MaximumLengthNotification):
@@ -157,6 +176,33 @@ def decode_associate_rq(pdu: bytes) -> AssociationRequest:
 #: Where the Called and Calling AE Title fields lie in an A-ASSOCIATE-RQ or -AC PDU (PS3.8 9.3.2).
 _AE_FIELDS = slice(10, 42)
 _VARIABLE_ITEMS = 74
+#: Where the Called and the Calling AE Title lie in an A-ASSOCIATE-RQ PDU.
+_CALLED_AE, _CALLING_AE = slice(10, 26), slice(26, 42)
+
+
+def check_ae_fields(pdu: bytes) -> None:
+    """Reject an A-ASSOCIATE-RQ whose Called or Calling AE Title is empty or not an AE title.
+
+    An AE title is 1-16 characters of the default repertoire without control characters or
+    backslash (PS3.5 6.2), leading and trailing spaces not significant.
+
+    Raises
+    ------
+    RequestRejectedError
+        With the A-ASSOCIATE-RJ for a called (reason 7) or calling (reason 3) AE title.
+    ProtocolError
+        When the PDU is too short to hold the fields.
+    """
+    if len(pdu) < _VARIABLE_ITEMS:
+        raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
+    for name, where, rejection in (("Called", _CALLED_AE, REJECT_CALLED_AE),
+                                   ("Calling", _CALLING_AE, REJECT_CALLING_AE)):
+        raw = bytes(pdu[where]).strip(b" \x00")
+        if not raw:
+            raise RequestRejectedError(f"empty {name} AE Title", rejection)
+        if any(byte < 0x20 or byte > 0x7E or byte == 0x5C for byte in raw):
+            raise RequestRejectedError(f"{name} AE Title with characters outside the DICOM default "
+                                  "repertoire", rejection)
 
 
 def _request_key(pdu: bytes) -> bytes:
@@ -199,6 +245,7 @@ class Negotiator:
                 self._known.move_to_end(key)
         if known is None:
             return decode_associate_rq(pdu)
+        check_ae_fields(pdu)
         try:
             called = set_ae(decode_bytes(pdu[10:26]).strip(), "Called AE Title", False, False)
             calling = set_ae(decode_bytes(pdu[26:42]).strip(), "Calling AE Title", False, False)
@@ -253,8 +300,12 @@ def negotiate(request: AssociationRequest, supported: list[PresentationContext],
     rq = request.primitive
     roles = {UID(str(item.sop_class_uid)): (item.scu_role, item.scp_role)
              for item in rq.user_information if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
-    results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list, supported,
-                                                roles or None)
+    try:
+        results, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list,
+                                                    supported, roles or None)
+    except Exception as exc:  # pynetdicom on a proposal its decoder let through
+        raise ProtocolError(f"presentation contexts cannot be negotiated: {type(exc).__name__}") \
+            from exc
     ac = A_ASSOCIATE()
     ac.application_context_name = rq.application_context_name
     ac.calling_ae_title = rq.calling_ae_title
@@ -332,21 +383,32 @@ def _element(element: int, value: bytes) -> bytes:
     return _ELEMENT.pack(0x0000, element, len(value)) + value
 
 
+def _echoable(value: str) -> bool:
+    """Whether a UID from the request can be echoed in the response (printable ASCII, 64 at most)."""
+    return bool(value) and len(value) <= 64 and value.isascii() and value.isprintable()
+
+
 def _ui(value: str) -> bytes:
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def encode_response(request: Command, status: int, error_comment: str = "") -> bytes:
-    """The response command set to ``request`` with ``status`` (no data set follows)."""
+    """The response command set to ``request`` with ``status`` (no data set follows).
+
+    The request's Affected SOP Class / Instance UID are echoed when they are printable ASCII of at
+    most 64 characters, and left out otherwise (a malformed request still gets its status).
+    """
     body = b"".join([
-        _element(0x0002, _ui(request.affected_sop_class)) if request.affected_sop_class else b"",
+        _element(0x0002, _ui(request.affected_sop_class)) if _echoable(request.affected_sop_class)
+        else b"",
         _element(0x0100, struct.pack("<H", (request.command_field | 0x8000) & 0xFFFF)),
         _element(0x0120, struct.pack("<H", request.message_id)),
         _element(0x0800, struct.pack("<H", NO_DATASET)),
         _element(0x0900, struct.pack("<H", status)),
         _element(0x0902, _lo(error_comment)) if error_comment else b"",
-        _element(0x1000, _ui(request.affected_sop_instance)) if request.affected_sop_instance else b"",
+        _element(0x1000, _ui(request.affected_sop_instance)) if _echoable(request.affected_sop_instance)
+        else b"",
     ])
     return _element(0x0000, struct.pack("<I", len(body))) + body
 

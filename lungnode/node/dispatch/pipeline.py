@@ -44,7 +44,7 @@ from lungnode.node.dispatch.outcome import JobOutcome, PermanentJobError
 from lungnode.node.dispatch.priors import find_comparison
 from lungnode.node.dispatch.quality import GateDecision, check_quality
 from lungnode.node.results.build import BuiltOutput, Profile, build_outputs, profiles_for
-from lungnode.node.results.common import OutputContext, SourceSeries
+from lungnode.node.results.common import NOT_FOR_CLINICAL_USE, OutputContext, SourceSeries
 from lungnode.node.results.delivery import queue_deliveries
 from lungnode.ops import metrics
 from lungnode.storage.db import Database
@@ -169,7 +169,8 @@ def output_context(config: Config, job_pk: int, result: InferenceResult) -> Outp
     return OutputContext(job_id=job_pk, model=result.model,
                          manufacturer=config.results.manufacturer,
                          series_number_base=config.results.series_number_base,
-                         station_ae=config.node.ae_title)
+                         station_ae=config.node.ae_title,
+                         label=NOT_FOR_CLINICAL_USE if config.results.label_not_for_clinical_use else "")
 
 
 def build_and_store(config: Config, db: Database, store: FileStore, job_pk: int,

@@ -9,7 +9,7 @@ the report says why. ``off``: no look-up, nothing is said about priors.
 ``source = "pacs"``: ``local`` first; when this node has no earlier result of the patient, the
 PACS named by ``[priors] destination`` is asked (:mod:`lungnode.node.dimse.query`): C-FIND at
 series level for the patient's SR series (Patient ID, Modality SR, our series description
-"AI lung report*", an earlier Study Date), C-GET of the latest one, and only an SR that carries
+"*AI lung report*", an earlier Study Date), C-GET of the latest one, and only an SR that carries
 our provenance block, the same Patient ID **and** Issuer and region groups is read back
 (:func:`lungnode.node.results.sr_report.read_report_figures`). A PACS that cannot be asked is
 said so in the report; the job goes on without comparison.
@@ -104,7 +104,7 @@ def pacs_comparison(dest: DestinationConfig, patient_id: str, issuer: str, study
     query.StudyInstanceUID = ""
     query.SeriesInstanceUID = ""
     query.Modality = "SR"
-    query.SeriesDescription = "AI lung report*"
+    query.SeriesDescription = "*AI lung report*"  # also behind [results] label_not_for_clinical_use
     try:
         matches = find_series(dest, query, timeout=timeout)
         candidates = sorted(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lungnode.config import Config
-from lungnode.logs import configure_logging
+from lungnode.logs import configure_logging, log_exception, where_raised
 from lungnode.node.dispatch import jobs
 from lungnode.node.dispatch.outcome import JobOutcome, PermanentJobError, TransientJobError
 from lungnode.ops import metrics
@@ -201,11 +201,18 @@ class Worker:
             log.warning("job %d failed permanently: %s", claim.job_pk, exc)
         except Exception as exc:
             transient = isinstance(exc, TransientJobError)
-            reason = f"{type(exc).__name__}: {exc}" if not transient else str(exc)
+            # An unexpected exception's text may quote data set values and means nothing to an
+            # admin: the job records a sentence, the log the stack (its text only at DEBUG).
+            reason = str(exc) if transient else (
+                f"unexpected internal error ({where_raised(exc)}); the worker's log has the details")
             state = jobs.fail(self.db, claim.job_pk, self.ctx.worker_id, reason, transient=True,
                               cfg=self.config.jobs)
-            log.warning("job %d attempt %d failed (%s) -> %s", claim.job_pk, claim.attempt, reason, state,
-                        exc_info=not transient)
+            if transient:
+                log.warning("job %d attempt %d failed (%s) -> %s", claim.job_pk, claim.attempt, reason,
+                            state)
+            else:
+                log_exception(log, "job %d attempt %d failed -> %s", exc, claim.job_pk, claim.attempt,
+                              state)
         else:
             ok = jobs.finish(self.db, claim.job_pk, self.ctx.worker_id, outcome)
             state = outcome.state if ok else None

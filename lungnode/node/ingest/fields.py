@@ -60,6 +60,11 @@ class _DatasetValues:
         return any((int(tag) >> 16) == group for tag in self.ds.keys())  # noqa: SIM118
 
 
+def dataset_values(ds: Dataset) -> FieldValues:
+    """The :class:`FieldValues` reader of a pydicom data set."""
+    return _DatasetValues(ds)
+
+
 def _float(value: Any) -> float | None:
     try:
         return None if value is None or value == "" else float(value)

@@ -70,17 +70,32 @@ class RawHeader:
         Implicit VR little endian.
     pixel_offset:
         Offset of the pixel data element, -1 when there is none.
+    sequences:
+        The top-level undefined-length sequences the scan skipped: (tag, VR as written or None,
+        offset of their first item).
     """
 
-    __slots__ = ("_data", "_elements", "_encoding", "implicit", "pixel_offset")
+    __slots__ = ("_data", "_elements", "_encoding", "implicit", "pixel_offset", "sequences")
 
     def __init__(self, data: bytes | mmap.mmap, elements: dict[int, tuple[bytes | None, int, int]],
-                 implicit: bool, pixel_offset: int) -> None:
+                 implicit: bool, pixel_offset: int,
+                 sequences: list[tuple[int, bytes | None, int]] | None = None) -> None:
         self._data = data
         self._elements = elements
         self.implicit = implicit
         self.pixel_offset = pixel_offset
+        self.sequences = sequences or []
         self._encoding: str | None = None
+
+    @property
+    def data(self) -> bytes | mmap.mmap:
+        """The received file the header was read from."""
+        return self._data
+
+    def elements(self) -> dict[int, tuple[bytes | None, int, int]]:
+        """Tag → (explicit VR or None, value offset, value length) of the defined-length
+        top-level elements before the pixel data."""
+        return self._elements
 
     def has_group(self, group: int) -> bool:
         """Whether any top-level element of ``group`` is present."""
@@ -204,6 +219,7 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
         return None
     implicit = transfer_syntax == IMPLICIT_VR_LE
     elements: dict[int, tuple[bytes | None, int, int]] = {}
+    sequences: list[tuple[int, bytes | None, int]] = []
     pixel_offset = -1
     # The loop reads each element header with one struct call (it runs ~90 times per CT header).
     head = _IMPLICIT_HEAD if implicit else _EXPLICIT_HEAD  # both 8 bytes
@@ -236,6 +252,7 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
             if length == _UNDEFINED:
                 if vr not in (None, b"SQ", b"UN"):
                     raise _UnsureError
+                sequences.append(((group << 16) | element, vr, offset))
                 offset = _skip_sequence(data, offset, implicit, 1)
                 continue
             if offset + length > end:
@@ -246,7 +263,7 @@ def scan_header(data: bytes | mmap.mmap, transfer_syntax: str) -> RawHeader | No
         return None
     if not elements:
         return None
-    return RawHeader(data, elements, implicit, pixel_offset)
+    return RawHeader(data, elements, implicit, pixel_offset, sequences)
 
 
 def _dataset_offset(data: bytes | mmap.mmap) -> int:
@@ -272,6 +289,20 @@ def _element_header(data: bytes | mmap.mmap, offset: int,
         (length,) = _U32.unpack_from(data, offset + 8)
         return tag, vr, int(length), offset + 12
     return tag, vr, int(length), offset + 8
+
+
+def skip_undefined_sequence(data: bytes | mmap.mmap, offset: int, implicit: bool) -> int:
+    """Offset after an undefined-length sequence whose items start at ``offset``.
+
+    Raises
+    ------
+    ValueError
+        When the sequence is not closed, nests deeper than :data:`MAX_DEPTH` or is malformed.
+    """
+    try:
+        return _skip_sequence(data, offset, implicit, 1)
+    except (_UnsureError, struct.error):
+        raise ValueError("malformed or unclosed sequence") from None
 
 
 def _skip_sequence(data: bytes | mmap.mmap, offset: int, implicit: bool, depth: int) -> int:

@@ -46,10 +46,9 @@ from lungnode.uids import VERIFICATION
 
 log = logging.getLogger(__name__)
 
-#: Verification SOP Class.
-#: Connections beyond ``node.max_associations`` that may be open while negotiating (their
-#: A-ASSOCIATE-RQ is answered with the limit rejection); more are closed at once.
-CONNECTION_HEADROOM = 50
+#: Connections beyond ``node.max_associations`` and ``node.max_pending_connections`` that may be
+#: open while negotiating (their A-ASSOCIATE-RQ is answered with the limit rejection).
+CONNECTION_HEADROOM = 16
 #: Largest P-DATA-TF PDU the node accepts (sent in the A-ASSOCIATE-AC): senders cap it at their own
 #: maximum (DCMTK: 128 KiB), and the acceptor reads data sets in chunks, so memory stays bounded.
 MAX_PDU_BYTES = 4 << 20
@@ -123,7 +122,8 @@ class ListenerWorker:
         self.reuse_port = reuse_port
         self._open: set[AssociationStats] = set()
         self._lock = threading.Lock()
-        self.handler = StoreHandler(self.catalog, store, self.writer)
+        self.handler = StoreHandler(self.catalog, store, self.writer,
+                                    max_dataset_bytes=config.storage.max_dataset_mb << 20)
         self.supported_contexts = supported_contexts()
         self.acceptor: Acceptor | None = None
 
@@ -219,7 +219,8 @@ class ListenerWorker:
             bind=node.bind, port=node.port, contexts=self.supported_contexts,
             acse_timeout_s=node.acse_timeout_s, dimse_timeout_s=node.dimse_timeout_s,
             network_timeout_s=node.network_timeout_s,
-            max_connections=node.max_associations + CONNECTION_HEADROOM,
+            max_connections=node.max_associations + node.max_pending_connections + CONNECTION_HEADROOM,
+            max_pending=node.max_pending_connections,
             ssl_context=make_ssl_context(self.config), reuse_port=self.reuse_port,
             max_pdu=MAX_PDU_BYTES)
         self.acceptor = Acceptor(settings, self)

@@ -2,7 +2,8 @@
 
 This module owns the node's conformance on the receiving side (the conformance-statement test
 reads :data:`SCP_SOP_CLASSES` and :data:`SCP_TRANSFER_SYNTAXES`) and the decisions that turn a
-received C-STORE into a success or a failure status with a logged reason. It does no I/O.
+received C-STORE into a success or a failure status with a logged reason. It does no I/O (but for
+inflating a deflated data set into an anonymous temp file, :func:`lungnode.node.ingest.inflate.inflate`).
 
 SOP classes
 -----------
@@ -27,23 +28,19 @@ from __future__ import annotations
 import contextlib
 import io
 import mmap
-import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import dcmread
 
-from lungnode.node.ingest.fields import InstanceFields, fields_from, header_fields
-from lungnode.node.ingest.header import UnsureError, scan_header
+from lungnode.node.ingest import payload
+from lungnode.node.ingest.fields import InstanceFields, dataset_values, fields_from, header_fields
+from lungnode.node.ingest.header import RawHeader, UnsureError, scan_header
+from lungnode.node.ingest.inflate import inflate
 from lungnode.provenance import PRIVATE_GROUP
-from lungnode.uids import (
-    DEFLATED_EXPLICIT_VR_LE,
-    EXPLICIT_VR_BE,
-    EXPLICIT_VR_LE,
-    IMPLICIT_VR_LE,
-    is_valid_uid,
-)
+from lungnode.uids import EXPLICIT_VR_BE, is_valid_uid
 
 #: Storage SOP classes accepted as SCP (abstract syntax UID → name).
 SCP_SOP_CLASSES: dict[str, str] = {
@@ -99,8 +96,8 @@ PIXEL_SOP_CLASSES: frozenset[str] = frozenset(
     if "Image Storage" in name or "Segmentation" in name
 )
 
-#: Transfer syntaxes with native (not encapsulated) pixel data.
-_NATIVE = {IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE}
+#: Default of ``[storage] max_dataset_mb`` in bytes (how far a deflated data set may inflate).
+DEFAULT_MAX_DATASET_BYTES = 2048 << 20
 
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C).
 STATUS_SUCCESS = 0x0000
@@ -132,12 +129,17 @@ class ParsedHeader:
     has_pixel_data: bool
 
 
-def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader | Refusal:
-    """Parse the header of a received instance (preamble + meta + dataset) without pixel data.
+def parse_header(data: bytes | mmap.mmap, transfer_syntax: str, *,
+                 max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
+                 spill_dir: Path | None = None) -> ParsedHeader | Refusal:
+    """Parse the header of a received instance (preamble + meta + dataset) and check the rest.
 
     The in-place reader (:func:`lungnode.node.ingest.header.scan_header`) reads the fields of most
-    headers; pydicom reads the rest (big endian, deflate, functional groups, our own outputs'
-    private block, character sets or values the reader is not sure of) with the same result.
+    headers; pydicom reads the rest (big endian, functional groups, our own outputs' private
+    block, character sets or values the reader is not sure of) with the same result. Then the
+    encoding, the pixel data element and what follows it are checked without decoding pixels
+    (:mod:`lungnode.node.ingest.payload`). A deflated data set is inflated in bounded steps into
+    an anonymous temp file first and checked as explicit VR little endian.
 
     Parameters
     ----------
@@ -146,16 +148,37 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
         read-only mapping of the temp file for large instances).
     transfer_syntax:
         The presentation context's transfer syntax UID.
+    max_dataset_bytes:
+        Most bytes a deflated data set may inflate to.
+    spill_dir:
+        Folder of the anonymous temp file a deflated data set is inflated into.
 
     Returns
     -------
     ParsedHeader or Refusal
-        The header, or a 0xC000 refusal when it cannot be read.
+        The header, or a refusal: 0xC000 when it cannot be read or its pixel data or trailing
+        bytes are not sound, 0xA900 when the pixel data does not fit the image IOD, 0xA700 when
+        a deflated data set inflates beyond ``max_dataset_bytes``.
     """
+    if transfer_syntax == payload.DEFLATED:
+        inflated = inflate(data, max_dataset_bytes, spill_dir)
+        if isinstance(inflated, str):
+            status = STATUS_OUT_OF_RESOURCES if "limit" in inflated else STATUS_CANNOT_UNDERSTAND
+            return Refusal(status, inflated)
+        with inflated:
+            return parse_header(inflated.data, payload.EXPLICIT_VR_LE)
+    problem = payload.check_encoding(data, transfer_syntax)
+    if problem:
+        return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
     tags = _PIXEL_TAGS_BE if transfer_syntax == EXPLICIT_VR_BE else _PIXEL_TAGS_LE
     fields: InstanceFields | None = None
     ds: Dataset | None = None
     raw = scan_header(data, transfer_syntax)
+    # The strict walk (what DCMTK refuses): on what the scan read, only what it did not check.
+    problem = payload.check_scanned(raw) if raw is not None else \
+        payload.check_structure(data, transfer_syntax)
+    if problem:
+        return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
     if raw is not None:
         pos = raw.pixel_offset
         has_pixels = pos >= 0
@@ -174,21 +197,15 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
         if len(ds) == 0:
             return Refusal(STATUS_CANNOT_UNDERSTAND, "empty data set")
         pos = stream.tell()
-        if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
-            # The stream position is inside the inflated copy; look for pixel data the slow way.
-            has_pixels = any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or \
-                _deflated_has_pixels(data)
-        else:
-            has_pixels = pos < len(data) and data[pos:pos + 4] in tags
-    if has_pixels and transfer_syntax != DEFLATED_EXPLICIT_VR_LE:
-        if transfer_syntax in _NATIVE:
-            problem = check_native(data, pos, transfer_syntax)
-        elif data[pos:pos + 4] == tags[0]:
-            problem = check_encapsulated(data, pos)
-        else:
-            problem = ""
+        has_pixels = pos < len(data) and data[pos:pos + 4] in tags
+        if not has_pixels and pos < len(data):  # pydicom stopped before the end, not at pixels
+            return Refusal(STATUS_CANNOT_UNDERSTAND, "data set not readable to its end")
+    if has_pixels:
+        iod_problem, problem = payload.check_pixel_data(data, pos, transfer_syntax,
+                                                        _image_size(raw, ds))
         if problem:
-            return Refusal(STATUS_CANNOT_UNDERSTAND, problem)
+            return Refusal(STATUS_DOES_NOT_MATCH if iod_problem else STATUS_CANNOT_UNDERSTAND,
+                           problem)
     if fields is None:
         assert ds is not None
         try:
@@ -198,65 +215,19 @@ def parse_header(data: bytes | mmap.mmap, transfer_syntax: str) -> ParsedHeader 
     return ParsedHeader(fields, has_pixels)
 
 
-def check_native(data: bytes | mmap.mmap, pos: int, transfer_syntax: str) -> str:
-    """Check that native pixel data starting at ``pos`` is as long as its element says.
-
-    Returns
-    -------
-    str
-        Empty when complete, else what is wrong.
-    """
-    if transfer_syntax == IMPLICIT_VR_LE:  # implicit VR: tag(4) length(4)
-        header, fmt = 8, "<I"
-        offset = pos + 4
-    else:  # explicit VR OB/OW/OF/OD: tag(4) VR(2) reserved(2) length(4)
-        header, fmt = 12, ">I" if transfer_syntax == EXPLICIT_VR_BE else "<I"
-        offset = pos + 8
-    if len(data) < pos + header:
-        return "pixel data element truncated"
-    (length,) = struct.unpack_from(fmt, data, offset)
-    if length == 0xFFFFFFFF:
-        return "native pixel data with undefined length"
-    if pos + header + length > len(data):
-        return f"pixel data truncated ({len(data) - pos - header} of {length} bytes)"
-    return ""
+_SIZE_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
 
 
-def _deflated_has_pixels(data: bytes | mmap.mmap) -> bool:
-    try:
-        ds = dcmread(io.BytesIO(data[:]), defer_size=256)
-    except Exception:
-        return False
-    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-
-
-def check_encapsulated(data: bytes | mmap.mmap, pos: int) -> str:
-    """Walk the items of encapsulated pixel data starting at ``pos`` (no decoding).
-
-    Returns
-    -------
-    str
-        Empty when the fragment sequence is complete, else what is wrong (truncated data).
-    """
-    # Explicit VR OB element header: tag(4) 'OB'(2) reserved(2) length(4) = 0xFFFFFFFF.
-    if len(data) < pos + 12:
-        return "pixel data element truncated"
-    (length,) = struct.unpack_from("<I", data, pos + 8)
-    if length != 0xFFFFFFFF:
-        return "encapsulated pixel data without undefined length"
-    offset = pos + 12
-    end = len(data)
-    while offset + 8 <= end:
-        tag = data[offset:offset + 4]
-        (item_len,) = struct.unpack_from("<I", data, offset + 4)
-        if tag == b"\xfe\xff\xdd\xe0":
-            return ""
-        if tag != b"\xfe\xff\x00\xe0":
-            return "encapsulated pixel data: unexpected tag between fragments"
-        offset += 8 + item_len
-        if offset > end:
-            return "encapsulated pixel data truncated inside a fragment"
-    return "encapsulated pixel data truncated (no sequence delimiter)"
+def _image_size(raw: RawHeader | None, ds: Dataset | None) -> payload.ImageSize:
+    """The values giving the length of native pixel data, read in place or from pydicom's data set."""
+    if raw is not None:
+        try:
+            return payload.ImageSize(*(raw.integer(keyword) for keyword in _SIZE_KEYWORDS))
+        except UnsureError:
+            ds = ds if ds is not None else raw.dataset()
+    assert ds is not None
+    values = dataset_values(ds)
+    return payload.ImageSize(*(values.integer(keyword) for keyword in _SIZE_KEYWORDS))
 
 
 def check_instance(header: ParsedHeader, affected_sop_class: str,

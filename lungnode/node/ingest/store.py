@@ -27,9 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lungnode.logs import log_exception
 from lungnode.node.dimse.pdu import IMPLEMENTATION_VERSION_NAME, Command
 from lungnode.node.ingest.catalog import Catalog, Filed, Incoming, InstanceFields
 from lungnode.node.ingest.policy import (
+    DEFAULT_MAX_DATASET_BYTES,
+    STATUS_DOES_NOT_MATCH,
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -39,12 +42,14 @@ from lungnode.node.ingest.policy import (
 )
 from lungnode.ops import metrics
 from lungnode.storage.filestore import DiskFullError, FileStore, write_all
-from lungnode.uids import IMPLEMENTATION_CLASS_UID
+from lungnode.uids import IMPLEMENTATION_CLASS_UID, is_valid_uid
 
 log = logging.getLogger(__name__)
 
 #: Instances up to this size are also kept in memory for the header checks (larger: ``mmap``).
-MEMORY_COPY_LIMIT = 64 << 20
+#: With the 1 MiB read chunk and the 4 MiB PDU this bounds what one association holds in memory
+#: (see docs/conformance.md, "Limits").
+MEMORY_COPY_LIMIT = 16 << 20
 
 
 @dataclass(eq=False)
@@ -180,9 +185,12 @@ class ReceivedDataset:
     makes the file durable. A write error (disk full) is kept and reported at the end.
     """
 
-    def __init__(self, store: FileStore, prefix: bytes) -> None:
+    def __init__(self, store: FileStore, prefix: bytes, limit: int = DEFAULT_MAX_DATASET_BYTES) -> None:
         self.store = store
         self.size = 0
+        #: Most bytes (file meta included) kept; beyond it the rest is dropped (:attr:`too_large`).
+        self.limit = limit + len(prefix)
+        self.too_large = False
         self.error: OSError | None = None
         self.fd, path, self._direct = store.open_direct()
         self.path: Path | None = path
@@ -197,8 +205,19 @@ class ReceivedDataset:
         return self._chunks is None
 
     def write(self, chunk: bytes) -> None:
-        """Take the next piece."""
+        """Take the next piece (dropped, with what was kept, once the data set outgrew its limit)."""
         self.size += len(chunk)
+        if self.too_large:
+            return
+        if self.size > self.limit:
+            self.too_large = True
+            self.release()
+            self._chunks = None
+            if self.error is None:
+                with contextlib.suppress(OSError):
+                    self._close_direct()
+                    os.ftruncate(self.fd, 0)  # give the disk space back now
+            return
         if self._chunks is None:
             self._hash.update(chunk)
         elif self.size <= MEMORY_COPY_LIMIT:
@@ -220,7 +239,7 @@ class ReceivedDataset:
     def complete(self) -> None:
         """The data set is complete: hand the last bytes to the file (a direct writer holds up to
         a flush's worth). A write error is kept in :attr:`error`."""
-        if self._direct is not None and self.error is None:
+        if self._direct is not None and self.error is None and not self.too_large:
             try:
                 self._direct.finish()
             except OSError as exc:
@@ -291,10 +310,12 @@ class StoreHandler:
         Storage.
     """
 
-    def __init__(self, catalog: Catalog, store: FileStore, writer: GroupCommitWriter) -> None:
+    def __init__(self, catalog: Catalog, store: FileStore, writer: GroupCommitWriter, *,
+                 max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES) -> None:
         self.catalog = catalog
         self.store = store
         self.writer = writer
+        self.max_dataset_bytes = max_dataset_bytes
 
     def begin(self, stats: AssociationStats, command: Command, abstract_syntax: str,
               transfer_syntax: str) -> ReceivedDataset | RefusedSink:
@@ -302,9 +323,13 @@ class StoreHandler:
         if command.affected_sop_class != abstract_syntax:
             return RefusedSink(Refusal(STATUS_SOP_CLASS_NOT_SUPPORTED,
                                        "SOP class not negotiated on this presentation context"))
+        if not is_valid_uid(command.affected_sop_instance):
+            return RefusedSink(Refusal(STATUS_DOES_NOT_MATCH,
+                                       "Affected SOP Instance UID of the request is not a valid UID"))
         try:
             self.store.check_space()
-            return ReceivedDataset(self.store, file_prefix(command, transfer_syntax, stats.calling_ae))
+            return ReceivedDataset(self.store, file_prefix(command, transfer_syntax, stats.calling_ae),
+                                   self.max_dataset_bytes)
         except DiskFullError as exc:
             return RefusedSink(Refusal(STATUS_OUT_OF_RESOURCES, str(exc)))
         except OSError as exc:
@@ -327,7 +352,7 @@ class StoreHandler:
                 if isinstance(result, Refusal):
                     sink.discard()
         except Exception as exc:  # answer a failure rather than drop the association
-            log.exception("C-STORE handling failed (association %s)", stats.assoc_id)
+            log_exception(log, "C-STORE handling failed (association %s)", exc, stats.assoc_id)
             if isinstance(sink, ReceivedDataset):
                 sink.discard()
             result = Refusal(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
@@ -348,6 +373,9 @@ class StoreHandler:
 
     def _file(self, stats: AssociationStats, command: Command, transfer_syntax: str,
               sink: ReceivedDataset) -> int | Refusal:
+        if sink.too_large:
+            return Refusal(STATUS_OUT_OF_RESOURCES, f"data set larger than the limit of "
+                           f"{self.max_dataset_bytes >> 20} MiB ([storage] max_dataset_mb)")
         sink.complete()
         if sink.error is not None:
             if sink.error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -385,11 +413,11 @@ class StoreHandler:
         metrics.INSTANCES_RECEIVED.labels(calling_ae=stats.calling_ae).inc()
         return 0x0000
 
-    @staticmethod
-    def _check(data: bytes | mmap.mmap, transfer_syntax: str, affected_class: str,
+    def _check(self, data: bytes | mmap.mmap, transfer_syntax: str, affected_class: str,
                affected_instance: str) -> InstanceFields | Refusal:
         """Parse and check the header; the row fields, or a refusal."""
-        header = parse_header(data, transfer_syntax)
+        header = parse_header(data, transfer_syntax, max_dataset_bytes=self.max_dataset_bytes,
+                              spill_dir=self.store.tmp)
         if isinstance(header, Refusal):
             return header
         refusal = check_instance(header, affected_class, affected_instance)

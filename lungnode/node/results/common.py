@@ -32,6 +32,8 @@ from lungnode.provenance import add_provenance
 
 #: Offsets of each kind's series number from ``[results] series_number_base``.
 SERIES_OFFSETS = {"seg": 0, "sr": 1, "sc": 2, "summary": 3, "pdf": 4}
+#: What ``[results] label_not_for_clinical_use`` puts in front of every SeriesDescription.
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 #: Manufacturer's model name written into every output.
 MODEL_NAME = "lungnode COVID-19 lung CT"
 
@@ -110,6 +112,9 @@ class OutputContext:
         Stable UID of this node as an SR device observer.
     station_ae:
         Our AE title (device observer name).
+    label:
+        Put at the start of every SeriesDescription (``NOT FOR CLINICAL USE`` when
+        ``[results] label_not_for_clinical_use``); empty: none.
     """
 
     job_id: int
@@ -118,6 +123,7 @@ class OutputContext:
     series_number_base: int = 9100
     device_uid: str = ""
     station_ae: str = "LUNGNODE"
+    label: str = ""
 
     @property
     def software_version(self) -> str:
@@ -197,6 +203,8 @@ def finish_output(ds: Dataset, source: SourceSeries, ctx: OutputContext, *,
     ds.Manufacturer = ctx.manufacturer[:64]
     ds.ManufacturerModelName = MODEL_NAME
     ds.SoftwareVersions = [ctx.software_version, ctx.model_label[:64]]
+    if ctx.label:
+        series_description = f"{ctx.label} {series_description}"
     ds.SeriesDescription = series_description[:64]
     equipment = list(ds.get("ContributingEquipmentSequence", []))
     if not any(str(e.get("Manufacturer", "")) == ctx.manufacturer[:64]

@@ -1,11 +1,18 @@
 """Sending results to PACS: the delivery service, exactly once per destination.
 
+Destinations are DICOM peers (``kind = "dimse"``, C-STORE below) or DICOMweb services
+(``kind = "stow-rs"``, :mod:`lungnode.node.results.stowrs`); both go through the same claim,
+acknowledgement, retry and dead-letter steps. A destination with ``mode = "shadow"`` sends nothing:
+its delivery is marked ``shadow`` and the audit event ``delivery_shadow`` lists every object it would
+have received.
+
 Model
     A job's outputs are built once per destination and stored as files with
     :class:`~lungnode.storage.models.Output` rows; sending only reads those files, so a retry never
     makes new SOP Instance UIDs. One :class:`~lungnode.storage.models.Delivery` row per (job,
     destination) tracks the send: ``pending`` → ``sent`` | ``dead`` (retries exhausted) |
-    ``cancelled`` (a newer job replaced the result before any instance was sent).
+    ``cancelled`` (a newer job replaced the result before any instance was sent) | ``shadow``
+    (a shadow destination: recorded, not sent).
 Claim
     The service claims one due delivery (``pending``, ``next_attempt_at`` passed, job ``done``,
     no live lease) with a conditional UPDATE that sets ``lease_owner``/``lease_expires_at``; only
@@ -34,21 +41,32 @@ import datetime as dt
 import logging
 import os
 import socket
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lungnode.config import Config, DeliveryConfig, DestinationConfig
 from lungnode.node.dimse.scu import LeaseLostError, OutboundItem, SendResult, send_items
+from lungnode.node.results import stowrs
 from lungnode.ops import metrics
+from lungnode.ops.polling import PollingService
 from lungnode.storage.audit import record_event
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
+from lungnode.storage.lease import lease_free, take_lease
 from lungnode.storage.models import Delivery, Job, Output, aware, utcnow
 
 log = logging.getLogger(__name__)
+
+
+def send_to(dest: DestinationConfig, items: Sequence[OutboundItem], *, timeout: float = 60.0,
+            on_ack: Callable[[str], None] | None = None) -> SendResult:
+    """Send ``items`` to ``dest`` by its kind: C-STORE (:func:`send_items`) or STOW-RS."""
+    if dest.kind != "stow-rs":
+        return send_items(dest, items, timeout=timeout, on_ack=on_ack)
+    stow = stowrs.stow_items(dest, items, timeout=timeout, on_ack=on_ack)
+    return SendResult(acknowledged=stow.acknowledged, failures=stow.failures, error=stow.error)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,24 +181,17 @@ class DeliverySender:
     def claim(self, delivery_id: int | None = None) -> int | None:
         """Claim one due delivery (or the given one, if pending); return its id or ``None``."""
         now = utcnow()
-        free = or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
         with self.db.session() as s:
             query = (select(Delivery.id).join(Job, Job.id == Delivery.job_pk)
-                     .where(Delivery.state == "pending", Job.state == "done", free))
+                     .where(Delivery.state == "pending", Job.state == "done",
+                            lease_free(Delivery, now)))
             if delivery_id is None:
                 query = query.where(Delivery.next_attempt_at <= now)
             else:
                 query = query.where(Delivery.id == delivery_id)
             candidates = list(s.scalars(query.order_by(Delivery.next_attempt_at).limit(8)))
-        for candidate in candidates:
-            with self.db.session() as s:
-                res = s.execute(update(Delivery).where(
-                    Delivery.id == candidate, Delivery.state == "pending", free).values(
-                    lease_owner=self.owner,
-                    lease_expires_at=now + dt.timedelta(seconds=self.cfg.lease_s)))
-                if getattr(res, "rowcount", 0) == 1:
-                    return candidate
-        return None
+        return take_lease(self.db, Delivery, candidates, self.owner,
+                          now + dt.timedelta(seconds=self.cfg.lease_s), now)
 
     def record_ack(self, delivery_id: int, sop_uid: str) -> None:
         """Commit that the peer stored ``sop_uid`` and renew the lease, before the next is sent.
@@ -210,6 +221,8 @@ class DeliverySender:
             last_instance_at = aware(job.last_instance_at) if job else None
             job_pk = d.job_pk
         started = utcnow()
+        if dest is not None and dest.mode == "shadow":
+            return self._shadow(delivery_id, job_pk, dest, items)
         if dest is None:
             result = SendResult(error=f"destination {d.destination!r} is no longer configured")
         else:
@@ -219,12 +232,34 @@ class DeliverySender:
                                           f"{missing[0].path.name}")
             else:
                 try:
-                    result = send_items(dest, items, timeout=self.cfg.timeout_s,
-                                        on_ack=lambda uid: self.record_ack(delivery_id, uid))
+                    result = send_to(dest, items, timeout=self.cfg.timeout_s,
+                                     on_ack=lambda uid: self.record_ack(delivery_id, uid))
                 except LeaseLostError as exc:
                     log.warning("%s", exc)
                     return "lost"
         return self._finish(delivery_id, job_pk, result, started, last_instance_at)
+
+    def _shadow(self, delivery_id: int, job_pk: int, dest: DestinationConfig,
+                items: Sequence[OutboundItem]) -> str:
+        """Record what a shadow destination would have received; send nothing."""
+        objects = [{"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid,
+                    "transfer_syntax_uid": i.transfer_syntax_uid,
+                    "bytes": i.path.stat().st_size if i.path.is_file() else None} for i in items]
+        with self.db.session() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None or d.lease_owner != self.owner:
+                return "lost"
+            job = s.get(Job, job_pk)
+            d.state, d.lease_owner, d.lease_expires_at = "shadow", "", None
+            d.delivered_at, d.last_error = utcnow(), ""
+            record_event(s, "delivery_shadow", ae_title=dest.ae_title,
+                         study_uid=job.study_uid if job else "",
+                         series_uid=job.series_uid if job else "", job_pk=job_pk,
+                         destination=dest.name, kind=dest.kind, target=dest.target, objects=objects)
+        metrics.DELIVERIES.labels("shadow").inc()
+        log.info("job %d: shadow destination %s: %d object(s) recorded, not sent", job_pk, dest.name,
+                 len(objects))
+        return "shadow"
 
     def _finish(self, delivery_id: int, job_pk: int, result: SendResult, started: dt.datetime,
                 last_instance_at: dt.datetime | None) -> str:
@@ -240,10 +275,12 @@ class DeliverySender:
                 d.state = "sent"
                 d.delivered_at = now
                 d.last_error = ""
-                record_event(s, "delivered", ae_title=self.config.destination(d.destination).ae_title,
+                dest = self.config.destination(d.destination)
+                record_event(s, "delivered", ae_title=dest.ae_title,
                              study_uid=job.study_uid if job else "",
                              series_uid=job.series_uid if job else "", job_pk=job_pk,
-                             destination=d.destination, instances=len(d.acknowledged or []))
+                             destination=d.destination, kind=dest.kind, target=dest.target,
+                             instances=len(d.acknowledged or []))
                 metrics.DELIVERIES.labels("sent").inc()
                 metrics.STAGE_SECONDS.labels("send").observe((now - started).total_seconds())
                 if last_instance_at is not None:
@@ -280,41 +317,17 @@ class DeliverySender:
         return 1
 
 
-class DeliveryService:
+class DeliveryService(PollingService):
     """Background thread sending due deliveries (a :class:`lungnode.node.service.Service`)."""
 
-    name = "delivery"
+    sender: DeliverySender
 
     def __init__(self, config: Config, db: Database, store: FileStore,
                  sender: DeliverySender | None = None) -> None:
-        self.sender = sender or DeliverySender(config, db, store)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.poll_s = config.delivery.poll_s
-
-    def start(self) -> None:
-        """Start the sending thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = self.sender.run_once()
-            except Exception:  # keep the service alive; the lease expires and it is retried
-                log.exception("delivery loop error")
-                handled = 0
-            if not handled:
-                self._stop.wait(self.poll_s)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current delivery (its lease lets another process resume it)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().__init__("delivery", sender or DeliverySender(config, db, store),
+                         config.delivery.poll_s)
 
 
 def make_service(config: Config, db: Database, store: FileStore) -> DeliveryService:
-    """Service factory for ``NodeApp`` (``lungnode.node.results.delivery:make_service``)."""
+    """Service factory for :class:`~lungnode.node.app.NodeApp`."""
     return DeliveryService(config, db, store)

@@ -21,16 +21,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    AsynchronousOperationsWindowNegotiation,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
@@ -45,10 +38,8 @@ from lungnode.storage.filestore import StagingPool
 from lungnode.storage.models import Instance
 from lungnode.uids import IMPLEMENTATION_CLASS_UID
 from tests.node_process import free_port
-
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
-IMPLICIT = "1.2.840.10008.1.2"
+from tools.fuzzing import wire
+from tools.fuzzing.wire import CT, EXPLICIT, IMPLICIT, command_set, p_data, read_pdu
 
 
 class Running:
@@ -113,66 +104,8 @@ def echo(port: int) -> int:
 # ---------------------------------------------------------------------------- raw peer
 def associate_rq(contexts: list[tuple[int, str, list[str]]], *, window: bool = False,
                  calling: str = "PEER") -> bytes:
-    """An A-ASSOCIATE-RQ from ``calling`` to LUNGNODE, encoded by pynetdicom."""
-    rq = A_ASSOCIATE()
-    rq.application_context_name = pdu.APPLICATION_CONTEXT
-    rq.calling_ae_title, rq.called_ae_title = calling, "LUNGNODE"
-    items = []
-    for cid, abstract, syntaxes in contexts:
-        cx = build_context(abstract, syntaxes)
-        cx.context_id = cid
-        items.append(cx)
-    rq.presentation_context_definition_list = items
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    user: list[object] = [max_length]
-    if window:
-        item = AsynchronousOperationsWindowNegotiation()
-        item.maximum_number_operations_invoked = 5
-        item.maximum_number_operations_performed = 5
-        user.append(item)
-    rq.user_information = user  # type: ignore[assignment]
-    out = A_ASSOCIATE_RQ()
-    out.from_primitive(rq)
-    return bytes(out.encode())
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    header = _recv(sock, 6)
-    pdu_type, length = struct.unpack(">BxI", header)
-    return pdu_type, header + _recv(sock, length)
-
-
-def _recv(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
-def command_set(**elements: object) -> bytes:
-    """A command set encoded by pydicom (implicit VR little endian, group length first)."""
-    ds = Dataset()
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, True
-    write_dataset(fp, ds)
-    body = fp.getvalue()
-    group = Dataset()
-    group.CommandGroupLength = len(body)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, True
-    write_dataset(fp, group)
-    return bytes(fp.getvalue()) + bytes(body)
-
-
-def p_data(context_id: int, data: bytes, *, command: bool, last: bool = True) -> bytes:
-    control = (1 if command else 0) | (2 if last else 0)
-    return struct.pack(">BxIIBB", 4, len(data) + 6, len(data) + 2, context_id, control) + data
+    """An A-ASSOCIATE-RQ from ``calling`` to LUNGNODE (16 kB PDUs), encoded by pynetdicom."""
+    return wire.associate_rq(calling, "LUNGNODE", contexts, 16384, window=window)
 
 
 def open_association(port: int, contexts: list[tuple[int, str, list[str]]], window: bool = False,
@@ -192,13 +125,10 @@ def start_c_store(sock: socket.socket, path: Path) -> bytes:
     """Send the C-STORE-RQ command of the file at ``path`` on context 1 (CT, explicit VR little
     endian); its data set, encoded for that context, for the caller to send (or not)."""
     ds = pydicom.dcmread(path)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
     sock.sendall(p_data(1, command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1,
                                        Priority=0, CommandDataSetType=0x0000,
                                        AffectedSOPInstanceUID=str(ds.SOPInstanceUID)), command=True))
-    return bytes(fp.getvalue())
+    return wire.encode(ds, implicit=False)
 
 
 # ---------------------------------------------------------------------------- tests
@@ -243,14 +173,14 @@ def test_negotiator_remembers_outcomes_and_echoes_each_requests_ae_titles() -> N
 
 def test_p_data_respects_the_peer_maximum_pdu_length() -> None:
     data = bytes(range(256)) * 40
-    wire = pdu.p_data_pdus(3, data, command=True, peer_max_pdu=4096)
+    stream = pdu.p_data_pdus(3, data, command=True, peer_max_pdu=4096)
     offset, pieces, controls = 0, [], []
-    while offset < len(wire):
-        pdu_type, length = struct.unpack_from(">BxI", wire, offset)
+    while offset < len(stream):
+        pdu_type, length = struct.unpack_from(">BxI", stream, offset)
         assert pdu_type == 4 and length <= 4096
-        size, context_id, is_command, last = pdu.pdv_header(wire[offset + 6:offset + 12])
+        size, context_id, is_command, last = pdu.pdv_header(stream[offset + 6:offset + 12])
         assert context_id == 3 and is_command
-        pieces.append(wire[offset + 12:offset + 12 + size])
+        pieces.append(stream[offset + 12:offset + 12 + size])
         controls.append(last)
         offset += 6 + length
     assert b"".join(pieces) == data and controls[-1] and not any(controls[:-1])
@@ -400,9 +330,9 @@ def test_a_data_set_cut_short_leaves_nothing(running: Running, chest_ct_dir: Pat
 @pytest.mark.parametrize("stall", ["idle", "mid-data-set", "idle-tls", "mid-data-set-tls"])
 def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir: Path,
                                                      certs: dict[str, Path], stall: str) -> None:
-    """An association that goes quiet between messages is ended after ``network_timeout_s``, one
-    that stops in the middle of a data set after ``dimse_timeout_s`` (plain TCP and DICOM TLS);
-    nothing is kept of the half data set and the node goes on serving."""
+    """An association that goes quiet between messages is aborted (A-ABORT, then the close) after
+    ``network_timeout_s``, one that stops in the middle of a data set after ``dimse_timeout_s``
+    (plain TCP and DICOM TLS); nothing is kept of the half data set and the node goes on serving."""
     settings = "network_timeout_s = 1.0\ndimse_timeout_s = 2.0"
     tls = None
     if stall.endswith("-tls"):
@@ -418,11 +348,14 @@ def test_a_silent_peer_is_cut_off_after_its_timeout(tmp_path: Path, chest_ct_dir
             expected = 2.0
         started = time.monotonic()
         sock.settimeout(expected + 10)
+        received = b""
         try:
-            closed = sock.recv(64) == b""
+            while chunk := sock.recv(64):
+                received += chunk
         except ConnectionResetError:
-            closed = True
-        assert closed, "the node should have closed the connection"
+            pass
+        # An A-ABORT (service provider), then the close.
+        assert received[:1] == bytes([pdu.A_ABORT_TYPE]) and len(received) == 10, received
         waited = time.monotonic() - started
         assert expected - 0.3 <= waited <= expected + 5, waited
         sock.close()
