@@ -71,6 +71,7 @@ class Results:
     cases: int = 0
 
     def add(self, case: Case, outcome: str) -> None:
+        """Count one case's outcome and note it as a finding when it is one."""
         if case.closing and outcome == "closed":
             outcome = "closed (peer aborted)"
         self.cases += 1
@@ -178,6 +179,8 @@ def _sample_path(given: str | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a campaign from the command line; exit status 1 with findings, 2 when the node is not
+    reachable."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")

@@ -22,7 +22,7 @@ from lungnode.config import Config
 from lungnode.ops import health, retention
 from lungnode.storage import audit
 from lungnode.storage.db import Database
-from lungnode.storage.models import utcnow
+from lungnode.storage.models import aware, utcnow
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -52,8 +52,7 @@ def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     match = _RELATIVE.match(text.strip().lower())
     if match:
         return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
-    value = dt.datetime.fromisoformat(text.strip())
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    return aware(dt.datetime.fromisoformat(text.strip()))
 
 
 def _open_db(config: Config) -> Database:

@@ -7,12 +7,12 @@ import re
 
 from lungnode.config.typed_toml import ConfigError
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash
 
 
 def check_ae(key: str, value: str) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a valid AE title."""
-    if not _AE_RE.match(value) or value.strip() == "":
+    if not _AE_RE.fullmatch(value) or value.strip() == "":
         raise ConfigError(key, value, "an AE title of 1-16 printable ASCII characters, no backslash")
 
 

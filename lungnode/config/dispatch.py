@@ -129,7 +129,7 @@ class JobsConfig:
     def validate(self, key: str) -> None:
         for name in ("processor", "engine_factory"):
             value = getattr(self, name)
-            if value and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
+            if value and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
                 raise ConfigError(f"{key}.{name}", getattr(self, name), "a 'package.module:function' path")
         for i, delay in enumerate(self.retry_delays_s):
             check_range(f"{key}.retry_delays_s[{i}]", delay, 0.0, 7 * 86400)
@@ -162,7 +162,7 @@ class InferenceConfig:
     def validate(self, key: str) -> None:
         if self.model and not Path(self.model).is_file():
             raise ConfigError(f"{key}.model", self.model, "an existing model bundle file")
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{key}.device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         check_range(f"{key}.overlap", self.overlap, 0.0, 0.9)
         check_range(f"{key}.threads", self.threads, 0, 512)

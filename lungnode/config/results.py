@@ -147,7 +147,7 @@ class DestinationConfig:
         return self.url if self.kind == "stow-rs" else f"{self.ae_title}@{self.host}:{self.port}"
 
     def validate(self, key: str) -> None:
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
             raise ConfigError(f"{key}.name", self.name, "1-64 letters, digits, '_', '.', '-'")
         if self.kind not in ("dimse", "stow-rs"):
             raise ConfigError(f"{key}.kind", self.kind, "'dimse' or 'stow-rs'")

@@ -65,13 +65,13 @@ class NotificationConfig:
     retry_delays_s: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0, 3600.0)
 
     def validate(self, key: str) -> None:
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
             raise ConfigError(f"{key}.name", self.name, "1-64 letters, digits, '_', '.', '-'")
         if self.kind not in ("webhook", "hl7"):
             raise ConfigError(f"{key}.kind", self.kind, "'webhook' or 'hl7'")
         if self.kind == "webhook" and not re.match(r"^https?://", self.url):
             raise ConfigError(f"{key}.url", self.url, "an http:// or https:// URL")
-        if self.kind == "hl7" and not re.match(r"^mllp://[^/:]+:\d+/?$", self.url):
+        if self.kind == "hl7" and not re.fullmatch(r"mllp://[^/:\s]+:\d+/?", self.url):
             raise ConfigError(f"{key}.url", self.url, "mllp://HOST:PORT")
         for event in self.events:
             if event not in NOTIFICATION_EVENTS:

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from lungnode.config import Config, NotificationConfig
 from lungnode.ops import hl7
+from lungnode.ops.http import open_url
 from lungnode.ops.polling import PollingService
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
@@ -116,8 +116,7 @@ def build_payload(s: Session, config: Config, event: AuditEvent,
         "measurements": {k: measurements[k] for k in ("left", "right", "both",
                                                        "infiltrate_outside_lung_ml", "quality_gate")
                          if k in measurements},
-        "score": next((measurements[k] for k in ("score", "severity_score", "ct_severity_score")
-                       if k in measurements), None),
+        "score": job.score if job else None,
     }
     if found is not None:
         series, study, patient = found
@@ -167,12 +166,13 @@ def fan_out(db: Database, config: Config) -> int:
 
 
 def post(receiver: NotificationConfig, body: bytes, headers: dict[str, str]) -> int:
-    """POST ``body`` to the receiver; return the HTTP status (raises ``OSError`` without an answer)."""
-    context = ssl.create_default_context(cafile=receiver.ca or None) \
-        if receiver.url.startswith("https://") else None
+    """POST ``body`` to the receiver; return the HTTP status (raises ``OSError`` without an answer).
+
+    Redirects are not followed (:mod:`lungnode.ops.http`): a 3xx is a failed attempt.
+    """
     request = urllib.request.Request(receiver.url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=receiver.timeout_s, context=context) as resp:
+        with open_url(request, receiver.timeout_s, receiver.ca) as resp:
             resp.read(65536)
             return int(resp.status)
     except urllib.error.HTTPError as exc:

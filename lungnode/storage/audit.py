@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lungnode.storage.db import Database
-from lungnode.storage.models import AuditEvent
+from lungnode.storage.models import AuditEvent, aware
 
 #: Event names in use.
 EVENTS = (
@@ -87,7 +87,7 @@ def read_events(session: Session, *, since: dt.datetime | None = None, event: st
 
 def event_dict(row: AuditEvent) -> dict[str, Any]:
     """An audit event as a JSON-serialisable dict (what ``lungnode audit --json`` prints)."""
-    at = row.at if row.at.tzinfo is not None else row.at.replace(tzinfo=dt.UTC)
+    at = aware(row.at)
     return {"id": row.id, "at": at.isoformat(), "event": row.event, "ae_title": row.ae_title,
             "peer": row.peer, "study_uid": row.study_uid, "series_uid": row.series_uid,
             "job_pk": row.job_pk, "details": row.details or {}}

@@ -24,7 +24,7 @@ Patient name and ID are stored (they are needed to answer the PACS) but never lo
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 from sqlalchemy import (
     JSON,
@@ -47,6 +47,12 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@overload
+def aware(value: dt.datetime) -> dt.datetime: ...
+@overload
+def aware(value: None) -> None: ...
+@overload
+def aware(value: dt.datetime | None) -> dt.datetime | None: ...
 def aware(value: dt.datetime | None) -> dt.datetime | None:
     """``value`` as timezone-aware UTC (SQLite hands back naive datetimes); ``None`` stays ``None``."""
     if value is None:
@@ -230,6 +236,19 @@ class Job(Base):
     #: When the last instance of the series was received (end-to-end latency).
     last_instance_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
                                                                  nullable=True)
+
+    #: Keys of ``measurements`` that may hold a severity score, in the order they are looked for.
+    SCORE_KEYS: ClassVar[tuple[str, ...]] = ("score", "severity_score", "ct_severity_score")
+
+    @property
+    def score(self) -> Any:
+        """The severity score stored with the measurements (its ``total`` when it is a dict), or
+        ``None``: the one reading of it for the pages and the notifications."""
+        for key in self.SCORE_KEYS:
+            if key in (self.measurements or {}):
+                value = (self.measurements or {})[key]
+                return value.get("total", value) if isinstance(value, dict) else value
+        return None
 
 
 class LeasedSend:

@@ -124,6 +124,37 @@ def test_failed_answers_are_retried_then_sent_with_the_same_body(tmp_path: Path)
             assert (row.state, row.attempts) == ("sent", 2)
 
 
+def test_a_redirect_is_not_taken_for_delivery(tmp_path: Path) -> None:
+    """A webhook answered with 302 was re-sent by urllib as a GET without the body, whose 200
+    marked the notification sent."""
+    with webhook_listener(statuses=[302]) as hook:
+        config, db = _setup(tmp_path, hook.url, delays="[0.0, 0.0]")
+        with db.session() as s:
+            record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
+        sender = NotificationSender(config, db)
+        sender.run_once()
+        with db.session() as s:
+            row = s.scalars(select(Notification)).one()
+            assert (row.state, row.attempts, row.last_error) == ("pending", 1, "HTTP 302")
+        assert [r.method for r in hook.requests] == ["POST"]
+        sender.run_once()  # the retry is answered 200
+        with db.session() as s:
+            assert s.scalars(select(Notification)).one().state == "sent"
+
+
+def test_score_is_read_as_on_the_web_page(tmp_path: Path) -> None:
+    """A score stored as a dict (total and parts) is sent as its total, the figure the pages show."""
+    with webhook_listener() as hook:
+        config, db = _setup(tmp_path, hook.url)
+        with db.session() as s:
+            job = s.get(Job, 7)
+            assert job is not None
+            job.measurements = {**(job.measurements or {}), "severity_score": {"total": 7, "left": 3}}
+            record_event(s, "job_done", study_uid=STUDY, series_uid=SERIES, job_pk=7)
+        NotificationSender(config, db).run_once()
+        assert json.loads(hook.requests[0].body)["score"] == 7
+
+
 def test_unreachable_receiver_is_dead_after_the_last_retry(tmp_path: Path) -> None:
     with webhook_listener() as hook:
         url = hook.url

@@ -16,6 +16,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    method: str = "POST"
 
 
 @dataclass
@@ -39,7 +40,9 @@ def webhook_listener(statuses: list[int] | None = None,
                      tls: tuple[str, str] | None = None) -> Iterator[Listener]:
     """Serve on a free port; answer each POST with the next of ``statuses`` (then 200).
 
-    ``tls``: (certificate PEM, key PEM) to serve HTTPS.
+    A 3xx status redirects to ``/moved``, where a GET is answered ``200`` with ``[{}]`` (what a
+    client that follows the redirect would take for an answer). ``tls``: (certificate PEM, key
+    PEM) to serve HTTPS.
     """
     state = Listener(statuses=list(statuses or []), https=tls is not None)
 
@@ -50,9 +53,20 @@ def webhook_listener(statuses: list[int] | None = None,
                 state.requests.append(Received(self.path, dict(self.headers.items()), body))
                 code = state.statuses.pop(0) if state.statuses else 200
             self.send_response(code)
+            if 300 <= code < 400:
+                self.send_header("Location", "/moved")
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"ok")
+
+        def do_GET(self) -> None:
+            with state.lock:
+                state.requests.append(Received(self.path, dict(self.headers.items()), b"", "GET"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"[{}]")
 
         def log_message(self, format: str, *args: object) -> None:
             pass

@@ -114,18 +114,8 @@ class Fuzzer:
 
     def store(self, context: int, instance_uid: str, data: bytes, *, sop_class: str = CT) -> str:
         """One C-STORE of ``data`` (the data set bytes as sent) on ``context``; the answer."""
-        peer = self.peer()
-        try:
-            peer.associate(self.calling_ae, self.called_ae)
-            peer.send(p_data(context, store_rq(instance_uid, sop_class), command=True))
-            if not peer.send(p_data_chunks(context, data, command=False)):
-                return peer.answer()
-            outcome = peer.answer()
-            if outcome.startswith("status"):
-                peer.release()
-            return outcome
-        finally:
-            peer.close()
+        return self.exchange(p_data(context, store_rq(instance_uid, sop_class), command=True),
+                             p_data_chunks(context, data, command=False))
 
     def exchange(self, *messages: bytes, associate: bool = True,
                  contexts: list[tuple[int, str, list[str]]] = STANDARD_CONTEXTS) -> str:

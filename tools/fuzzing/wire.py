@@ -115,11 +115,13 @@ def raw_command(*elements: bytes) -> bytes:
 
 
 def store_rq(instance_uid: str, sop_class: str = CT) -> bytes:
+    """A C-STORE-RQ command set (message ID 1, a data set follows)."""
     return command_set(AffectedSOPClassUID=sop_class, CommandField=0x0001, MessageID=1, Priority=0,
                        CommandDataSetType=0x0000, AffectedSOPInstanceUID=instance_uid)
 
 
 def echo_rq(sop_class: str = VERIFICATION) -> bytes:
+    """A C-ECHO-RQ command set (message ID 1, no data set)."""
     return command_set(AffectedSOPClassUID=sop_class, CommandField=0x0030, MessageID=1,
                        CommandDataSetType=0x0101)
 
@@ -197,16 +199,19 @@ class Peer:
         return describe(answer)
 
     def release(self) -> None:
+        """Send an A-RELEASE-RQ, read the answer, close."""
         if self.send(struct.pack(">BxI4x", 5, 4)):
             self.read_pdu()
         self.close()
 
     def close(self) -> None:
+        """Close the socket (already closed: nothing)."""
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
 def describe(answer: tuple[int, bytes] | None) -> str:
+    """The name of a PDU the node answered with (``closed`` for no answer)."""
     if answer is None:
         return "closed"
     return {2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 6: "A-RELEASE-RP", 7: "A-ABORT"}.get(

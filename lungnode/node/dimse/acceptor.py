@@ -1,24 +1,26 @@
-"""The node's DICOM association acceptor: sockets, association negotiation and the DIMSE data phase.
+"""The node's DICOM association acceptor: sockets, association negotiation, then the data phase.
 
 One thread per connection, blocking reads, no polling. The thread reads the A-ASSOCIATE-RQ (within
-``acse_timeout``), asks its :class:`AcceptorHooks` whether to accept (association policy lives in
-the listener), answers A-ASSOCIATE-AC or -RJ (:mod:`lungnode.node.dimse.pdu`, built on pynetdicom's PDU
-classes and context negotiation), then reads P-DATA-TF PDUs: command fragments are collected and
-decoded; data set fragments go straight to the :class:`DatasetSink` the hooks open for the C-STORE
-(a temp file), in chunks as they arrive, so a large instance is never held whole in memory by this
-module. When the last fragment arrived the hooks decide the status, and the C-STORE-RSP is sent.
-C-ECHO is answered here (on the Verification context only). A-RELEASE-RQ is answered with
-A-RELEASE-RP; a protocol violation gets an A-ABORT; a lost connection ends the association as
-aborted. A partly received data set is always discarded.
+``acse_timeout``), asks its :class:`~lungnode.node.dimse.dataphase.AcceptorHooks` whether to accept
+(association policy lives in the listener), answers A-ASSOCIATE-AC or -RJ
+(:mod:`lungnode.node.dimse.pdu`, built on pynetdicom's PDU classes and context negotiation), then
+runs the DIMSE data phase (:mod:`lungnode.node.dimse.dataphase`): command fragments are collected
+and decoded; data set fragments go straight to the
+:class:`~lungnode.node.dimse.dataphase.DatasetSink` the hooks open for the C-STORE (a temp file),
+in chunks as they arrive, so a large instance is never held whole in memory. When the last
+fragment arrived the hooks decide the status, and the C-STORE-RSP is sent. C-ECHO is answered
+there (on the Verification context only). A-RELEASE-RQ is answered with A-RELEASE-RP; a protocol
+violation gets an A-ABORT; a lost connection ends the association as aborted. A partly received
+data set is always discarded.
 
 Bounds on what a peer can make the node hold (memory, threads, time):
 
-* Sizes: the A-ASSOCIATE-RQ (:data:`~lungnode.node.pdu.MAX_ASSOCIATE_RQ_BYTES`), every P-DATA-TF
+* Sizes: the A-ASSOCIATE-RQ (:data:`~lungnode.node.dimse.pdu.MAX_ASSOCIATE_RQ_BYTES`), every P-DATA-TF
   (the maximum PDU length the node advertises), a command set
-  (:data:`~lungnode.node.pdu.MAX_COMMAND_BYTES`, checked before its bytes are read) and the
+  (:data:`~lungnode.node.dimse.pdu.MAX_COMMAND_BYTES`, checked before its bytes are read) and the
   fixed-size PDUs (A-RELEASE-RQ) are checked against the length in their header before the body
   is read; a larger one gets an A-ABORT. Data sets go to the sink in chunks of
-  :data:`CHUNK_BYTES` (the sink enforces the data-set size limit).
+  :data:`~lungnode.node.dimse.dataphase.CHUNK_BYTES` (the sink enforces the data-set size limit).
 * Time: a connection has ``acse_timeout_s`` from its accept to a complete A-ASSOCIATE-RQ; in the
   data phase each PDU header must arrive within the idle (``network_timeout_s``, or
   ``dimse_timeout_s`` inside a message) timeout and each PDU body within ``dimse_timeout_s`` of
@@ -43,74 +45,27 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO
 
 from pynetdicom.presentation import PresentationContext
 
 from lungnode.logs import log_exception
 from lungnode.node.dimse import pdu
 from lungnode.node.dimse.connection import Connection, cut_late, read_exact
-from lungnode.node.dimse.pdu import AssociationRequest, Command, ProtocolError
+from lungnode.node.dimse.dataphase import AcceptorHooks, DataPhase
+from lungnode.node.dimse.pdu import AssociationRequest, ProtocolError
 from lungnode.ops import metrics
-from lungnode.uids import VERIFICATION
 
 log = logging.getLogger(__name__)
 
-#: Largest piece of a data set PDV read and handed to a sink at once.
-CHUNK_BYTES = 1 << 20
 #: Read buffer of a connection.
 READ_BUFFER_BYTES = 1 << 18
-#: Status "unrecognized operation" (PS3.7 C.5.9), for commands other than C-ECHO and C-STORE.
-STATUS_UNRECOGNIZED_OPERATION = 0x0211
-#: Status "refused: SOP class not supported" (PS3.7 C.5), e.g. a C-ECHO on a storage context.
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: How often the watchdog looks for connections past their deadline (seconds, at most).
 WATCHDOG_PERIOD_S = 0.25
 
 #: A-ASSOCIATE-RJ (result, source, reason) for an unsupported application context / protocol.
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
-
-
-class DatasetSink(Protocol):
-    """Where the fragments of one C-STORE data set go while they arrive."""
-
-    def write(self, chunk: bytes) -> None:
-        """Take the next piece of the data set (errors are kept and reported by the hooks)."""
-
-    def discard(self) -> None:
-        """Drop what was received (association ended mid-message)."""
-
-
-class AcceptorHooks(Protocol):
-    """What the acceptor asks of the listener."""
-
-    def requested(self, request: AssociationRequest, peer: str) -> tuple[int, int, int] | None:
-        """``None`` to accept, or the A-ASSOCIATE-RJ (result, source, reason)."""
-
-    def accepted(self, request: AssociationRequest, peer: str) -> object:
-        """The association was accepted; return a token passed to the other hooks."""
-
-    def begin_store(self, token: object, command: Command, abstract_syntax: str,
-                    transfer_syntax: str) -> DatasetSink:
-        """A C-STORE-RQ arrived; return the sink for its data set."""
-
-    def finish_store(self, token: object, command: Command, transfer_syntax: str,
-                     sink: DatasetSink) -> tuple[int, str]:
-        """The data set is complete; return the C-STORE status and error comment."""
-
-    def ended(self, token: object, outcome: str) -> None:
-        """The association ended: ``released`` or ``aborted``."""
-
-
-class _Discard:
-    """A sink that drops everything (data set of a command the node does not serve)."""
-
-    def write(self, chunk: bytes) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
 
 
 @dataclass
@@ -301,8 +256,9 @@ class Acceptor:
             try:
                 conn.send(negotiated.ac_pdu)
                 conn.state = "associated"
-                outcome = _DataPhase(conn, reader, negotiated.contexts, request.peer_max_pdu,
-                                     self.hooks, token, settings).run()
+                outcome = DataPhase(conn, reader, negotiated.contexts, request.peer_max_pdu,
+                                    self.hooks, token, settings.network_timeout_s,
+                                    settings.dimse_timeout_s, settings.max_pdu).run()
             except OSError:
                 outcome = "aborted"
             finally:
@@ -349,160 +305,3 @@ class Acceptor:
         if request.application_context != pdu.APPLICATION_CONTEXT:
             return REJECT_APPLICATION_CONTEXT
         return None
-
-
-class _DataPhase:
-    """Reads PDUs of one established association until release, abort or error."""
-
-    def __init__(self, conn: Connection, reader: IO[bytes], contexts: dict[int, tuple[str, str]],
-                 peer_max_pdu: int, hooks: AcceptorHooks, token: object,
-                 settings: AcceptorSettings) -> None:
-        self.conn = conn
-        self.reader = reader
-        self.contexts = contexts
-        self.peer_max_pdu = peer_max_pdu
-        self.hooks = hooks
-        self.token = token
-        self.settings = settings
-        self.command_bytes = bytearray()
-        self.command: Command | None = None
-        self.command_context = 0
-        self.sink: DatasetSink | None = None
-
-    def run(self) -> str:
-        """Serve messages; the outcome: ``released`` or ``aborted``."""
-        try:
-            return self._loop()
-        except ProtocolError as exc:
-            log.warning("association with %s aborted: %s", self.conn.peer, exc)
-            self._abort(exc.reason)
-            return "aborted"
-        except (OSError, EOFError) as exc:
-            if self.conn.cut or isinstance(exc, TimeoutError):
-                log.warning("association with %s aborted: no complete PDU in time (network %.0f s, "
-                            "DIMSE %.0f s)", self.conn.peer, self.settings.network_timeout_s,
-                            self.settings.dimse_timeout_s)
-                self._abort(0)
-            return "aborted"
-        finally:
-            if self.sink is not None:
-                self.sink.discard()
-                self.sink = None
-
-    def _abort(self, reason: int) -> None:
-        self.conn.abort(reason)
-
-    def _loop(self) -> str:
-        reader, conn = self.reader, self.conn
-        sock = conn.sock
-        idle_timeout = self.settings.network_timeout_s or None
-        busy_timeout = self.settings.dimse_timeout_s or None
-        max_pdu = self.settings.max_pdu
-        current = sock.gettimeout()
-        while True:
-            wanted = idle_timeout if self.command is None else busy_timeout
-            if wanted != current:  # settimeout is a system call that hands the GIL away
-                sock.settimeout(wanted)
-                current = wanted
-            now = time.monotonic()
-            conn.deadline = now + wanted if wanted else None  # the whole header, not each read
-            pdu_type, length = pdu.pdu_header(read_exact(reader, 6))
-            conn.deadline = time.monotonic() + busy_timeout if busy_timeout else None
-            if pdu_type == pdu.P_DATA_TF_TYPE:
-                if max_pdu and length > max_pdu:
-                    raise ProtocolError(f"P-DATA-TF of {length} bytes, more than the maximum PDU "
-                                        f"length of {max_pdu} this node advertised")
-                self._p_data(length)
-            elif pdu_type == pdu.A_RELEASE_RQ_TYPE:
-                if length != 4:
-                    raise ProtocolError(f"A-RELEASE-RQ of length {length} (4 expected)")
-                read_exact(reader, length)
-                conn.deadline = None
-                self.conn.send(pdu.RELEASE_RP)
-                return "released"
-            elif pdu_type == pdu.A_ABORT_TYPE:
-                return "aborted"
-            elif pdu_type in (pdu.A_ASSOCIATE_RQ_TYPE, pdu.A_ASSOCIATE_AC_TYPE,
-                              pdu.A_ASSOCIATE_RJ_TYPE, pdu.A_RELEASE_RP_TYPE):
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}",
-                                    pdu.ABORT_REASON_UNEXPECTED_PDU)
-            else:
-                raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}",
-                                    pdu.ABORT_REASON_UNRECOGNIZED_PDU)
-
-    def _p_data(self, length: int) -> None:
-        reader = self.reader
-        remaining = length
-        while remaining > 0:
-            if remaining < pdu.PDV_HEADER_SIZE:
-                raise ProtocolError("P-DATA-TF with a truncated PDV item")
-            size, context_id, is_command, last = pdu.pdv_header(read_exact(reader, pdu.PDV_HEADER_SIZE))
-            remaining -= pdu.PDV_HEADER_SIZE
-            if size > remaining:
-                raise ProtocolError("PDV item longer than its PDU")
-            remaining -= size
-            if context_id not in self.contexts:
-                raise ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
-            if is_command:
-                if len(self.command_bytes) + size > pdu.MAX_COMMAND_BYTES:  # before reading it
-                    raise ProtocolError(f"command set longer than {pdu.MAX_COMMAND_BYTES} bytes")
-                self._command_fragment(read_exact(reader, size), context_id, last)
-            else:
-                self._dataset_fragment(size, context_id, last)
-
-    def _command_fragment(self, data: bytes, context_id: int, last: bool) -> None:
-        if self.command is not None:
-            raise ProtocolError("command fragment while a data set was expected")
-        self.command_bytes += data
-        if len(self.command_bytes) > pdu.MAX_COMMAND_BYTES:
-            raise ProtocolError("command set too long")
-        if not last:
-            return
-        command = pdu.decode_command(bytes(self.command_bytes))
-        self.command_bytes.clear()
-        abstract_syntax, transfer_syntax = self.contexts[context_id]
-        if not command.has_dataset:
-            if command.command_field == pdu.C_ECHO_RQ:
-                # Verification is answered on its own context only (PS3.7 9.1.5, PS3.4 A.4).
-                verification = abstract_syntax == command.affected_sop_class == VERIFICATION
-                status = 0x0000 if verification else STATUS_SOP_CLASS_NOT_SUPPORTED
-            elif command.command_field == pdu.C_STORE_RQ:
-                raise ProtocolError("C-STORE-RQ without a data set")
-            else:
-                status = STATUS_UNRECOGNIZED_OPERATION
-            self._respond(context_id, command, status, "")
-            return
-        self.command, self.command_context = command, context_id
-        if command.command_field == pdu.C_STORE_RQ:
-            self.sink = self.hooks.begin_store(self.token, command, abstract_syntax, transfer_syntax)
-        else:
-            self.sink = _Discard()
-
-    def _dataset_fragment(self, size: int, context_id: int, last: bool) -> None:
-        command, sink = self.command, self.sink
-        if command is None or sink is None:
-            raise ProtocolError("data set fragment without a command")
-        if context_id != self.command_context:
-            raise ProtocolError("data set on another presentation context than its command")
-        reader = self.reader
-        while size > 0:
-            chunk = read_exact(reader, min(size, CHUNK_BYTES))
-            size -= len(chunk)
-            sink.write(chunk)
-        if not last:
-            return
-        self.command = self.sink = None
-        if command.command_field == pdu.C_STORE_RQ:
-            transfer_syntax = self.contexts[context_id][1]
-            deadline, self.conn.deadline = self.conn.deadline, None  # filing is not the peer's time
-            status, comment = self.hooks.finish_store(self.token, command, transfer_syntax, sink)
-            if deadline is not None and self.settings.dimse_timeout_s:
-                self.conn.deadline = time.monotonic() + self.settings.dimse_timeout_s
-        else:
-            status, comment = STATUS_UNRECOGNIZED_OPERATION, ""
-        self._respond(context_id, command, status, comment)
-
-    def _respond(self, context_id: int, command: Command, status: int, comment: str) -> None:
-        response = pdu.encode_response(command, status, comment)
-        self.conn.send(pdu.p_data_pdus(context_id, response, command=True,
-                                       peer_max_pdu=self.peer_max_pdu))

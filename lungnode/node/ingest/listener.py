@@ -34,7 +34,8 @@ from typing import Any
 from pynetdicom.presentation import PresentationContext, build_context
 
 from lungnode.config import Config
-from lungnode.node.dimse.acceptor import Acceptor, AcceptorSettings, DatasetSink
+from lungnode.node.dimse.acceptor import Acceptor, AcceptorSettings
+from lungnode.node.dimse.dataphase import DatasetSink
 from lungnode.node.dimse.pdu import AssociationRequest, Command
 from lungnode.node.ingest.catalog import Catalog
 from lungnode.node.ingest.policy import SCP_SOP_CLASSES, SCP_TRANSFER_SYNTAXES

@@ -6,6 +6,8 @@ Request
     byte), ``Accept: application/dicom+json``. Authentication: ``none``, ``basic``
     (``username`` + the password in ``secret_file``) or ``bearer`` (the token in ``secret_file``).
     HTTPS certificates are always verified, against ``ca`` when set, else the system's CAs.
+    Redirects are not followed (:mod:`lungnode.ops.http`): a 3xx answer is a failed attempt whose
+    error names the new address.
 Answer (PS3.18 §10.5.3)
     ``200`` all stored, ``202`` some stored or stored with warnings, ``409`` none stored, other codes
     a failed attempt. The JSON body's Referenced SOP Sequence (0008,1199) lists the stored instances
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
 import urllib.error
 import urllib.request
 import uuid
@@ -30,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from lungnode.ops.http import open_url, redirect_hint
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -87,12 +90,6 @@ def _headers(target: StowTarget) -> dict[str, str]:
     elif target.auth == "bearer":
         headers["Authorization"] = f"Bearer {secret}"
     return headers
-
-
-def _context(target: StowTarget) -> ssl.SSLContext | None:
-    if not target.url.startswith("https://"):
-        return None
-    return ssl.create_default_context(cafile=target.ca or None)
 
 
 def multipart_body(parts: Sequence[bytes]) -> tuple[bytes, str]:
@@ -179,13 +176,13 @@ def stow_items(target: StowTarget, items: Sequence[StowItem], *, timeout: float 
     request = urllib.request.Request(target.url.rstrip("/") + "/studies", data=body, method="POST",
                                      headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=_context(target)) as resp:
+        with open_url(request, timeout, target.ca) as resp:
             status, answer = int(resp.status), resp.read(MAX_ANSWER_BYTES)
     except urllib.error.HTTPError as exc:
         status, answer = int(exc.code), exc.read(MAX_ANSWER_BYTES)
         if status not in (202, 409):
-            return StowResult(error=f"STOW-RS to {target.name}: HTTP {status} {exc.reason}",
-                              status=status)
+            return StowResult(error=f"STOW-RS to {target.name}: HTTP {status} {exc.reason}"
+                                    f"{redirect_hint(exc)}", status=status)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return StowResult(error=f"STOW-RS to {target.name} failed: {reason}")
@@ -213,15 +210,15 @@ def check_stow(target: StowTarget, timeout: float = 30.0) -> StowCheck:
         return StowCheck(False, f"cannot read secret_file: {exc.strerror}")
     request = urllib.request.Request(target.url.rstrip("/") + "/studies?limit=1", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=_context(target)) as resp:
+        with open_url(request, timeout, target.ca) as resp:
             status = int(resp.status)
             resp.read(MAX_ANSWER_BYTES)
     except urllib.error.HTTPError as exc:
         status = int(exc.code)
         if status in (401, 403):
             return StowCheck(False, f"HTTP {status}: authentication refused", status)
-        return StowCheck(False, f"HTTP {status} {exc.reason} (is {target.url} a DICOMweb root?)",
-                         status)
+        hint = redirect_hint(exc) or f" (is {target.url} a DICOMweb root?)"
+        return StowCheck(False, f"HTTP {status} {exc.reason}{hint}", status)
     except (OSError, ValueError) as exc:
         return StowCheck(False, f"cannot reach {target.url}: {getattr(exc, 'reason', exc)}")
     return StowCheck(True, f"QIDO-RS answered HTTP {status}: reachable and authenticated", status)

@@ -26,10 +26,10 @@ from lungnode.storage.filestore import FileStore
 log = logging.getLogger(__name__)
 
 HTML = "text/html; charset=utf-8"
-_JOB = re.compile(r"^/jobs/(\d{1,12})$")
-_PICTURE = re.compile(r"^/jobs/(\d{1,12})/picture\.png$")
-_ACTION = re.compile(r"^/jobs/(\d{1,12})/action$")
-_SERIES = re.compile(r"^/series/([0-9.]{1,64})$")
+_JOB = re.compile(r"/jobs/(\d{1,12})")
+_PICTURE = re.compile(r"/jobs/(\d{1,12})/picture\.png")
+_ACTION = re.compile(r"/jobs/(\d{1,12})/action")
+_SERIES = re.compile(r"/series/([0-9.]{1,64})")
 
 
 class WebPages:
@@ -66,20 +66,20 @@ class WebPages:
                 body = pages.overview(s, report, self.store.root, self.web.show_patient_data,
                                       {d.name: f"{d.kind} {d.target}" for d in self.config.destinations})
             return self._html("lungnode", body)
-        if m := _PICTURE.match(path):
+        if m := _PICTURE.fullmatch(path):
             try:
                 png = picture.job_picture(self.db, self.store, int(m.group(1)))
             except picture.NoPictureError as exc:
                 return Response(404, f"{exc}\n".encode(), "text/plain; charset=utf-8")
             return Response(200, png, "image/png", {"Cache-Control": "max-age=86400"})
-        if m := _JOB.match(path):
+        if m := _JOB.fullmatch(path):
             with self.db.session() as s:
                 detail = data.job_detail(s, int(m.group(1)), self.web.show_patient_data)
             if detail is None:
                 return self._not_found(f"no job {m.group(1)}")
             body = pages.job_page(detail, self.web.actions, self.web.show_patient_data)
             return self._html(f"job {m.group(1)}", body)
-        if m := _SERIES.match(path):
+        if m := _SERIES.fullmatch(path):
             uid = m.group(1)
             explain = explain_lines(self.db, self.config, uid, verbose=True)
             with self.db.session() as s:
@@ -91,7 +91,7 @@ class WebPages:
 
     def post(self, path: str, form: bytes, client: str) -> Response:
         """Answer a POST (only ``/jobs/N/action``)."""
-        m = _ACTION.match(path)
+        m = _ACTION.fullmatch(path)
         if m is None:
             return self._not_found(path)
         job_pk = int(m.group(1))

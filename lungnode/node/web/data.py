@@ -22,29 +22,12 @@ from lungnode.storage.models import (
     Patient,
     Series,
     Study,
+    aware,
     utcnow,
 )
 
 #: Series listed on the overview.
 LAST_SERIES = 100
-
-
-def aware(value: dt.datetime | None) -> dt.datetime | None:
-    """``value`` as timezone-aware UTC (SQLite hands back naive datetimes)."""
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-def score_of(measurements: dict[str, Any] | None) -> Any:
-    """A severity score stored with the measurements (key ``score`` or ``severity_score``), if any."""
-    if not measurements:
-        return None
-    for key in ("score", "severity_score", "ct_severity_score"):
-        if key in measurements:
-            value = measurements[key]
-            return value.get("total", value) if isinstance(value, dict) else value
-    return None
 
 
 def percent_of(measurements: dict[str, Any] | None) -> float | None:
@@ -106,7 +89,7 @@ def last_series(s: Session, show_patient_data: bool, limit: int = LAST_SERIES) -
             "decision": series.decision, "decision_rule": series.decision_rule,
             "job_pk": job.id if job else None, "job_state": job.state if job else "",
             "percent": percent_of(job.measurements) if job and job.state in ("done", "held") else None,
-            "score": score_of(job.measurements) if job and job.state in ("done", "held") else None,
+            "score": job.score if job and job.state in ("done", "held") else None,
             **_patient(patient, show_patient_data)})
     return out
 
@@ -205,7 +188,7 @@ def job_detail(s: Session, job_pk: int, show_patient_data: bool) -> dict[str, An
                 "supersedes": job.supersedes_job_pk, "lease_owner": job.lease_owner},
         "series": series_info,
         "measurements": job.measurements or {},
-        "score": score_of(job.measurements),
+        "score": job.score,
         "newer_jobs": list(s.scalars(select(Job.id).where(Job.series_uid == job.series_uid,
                                                           Job.id > job.id))),
         "deliveries": [_delivery(d) for _, d in sorted(deliveries.items())],
@@ -224,5 +207,5 @@ def series_jobs(s: Session, series_uid: str) -> list[dict[str, Any]]:
     """Jobs of a series, newest first."""
     return [{"job_pk": j.id, "state": j.state, "attempts": j.attempts, "reason": j.reason,
              "created_at": aware(j.created_at), "percent": percent_of(j.measurements),
-             "score": score_of(j.measurements)}
+             "score": j.score}
             for j in s.scalars(select(Job).where(Job.series_uid == series_uid).order_by(Job.id.desc()))]

@@ -9,7 +9,6 @@ patient data is drawn.
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ from lungnode.node.results.sc import lung_window, outline
 from lungnode.node.results.seg import INFILTRATE_RGB, LUNG_RGB
 from lungnode.storage.db import Database
 from lungnode.storage.filestore import FileStore
-from lungnode.storage.models import Instance, Job, Output
+from lungnode.storage.models import Instance, Job, Output, aware
 
 #: Edge length of each slice tile in the picture.
 TILE = 320
@@ -162,7 +161,7 @@ def job_picture(db: Database, store: FileStore, job_pk: int) -> bytes:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(png)
     if finished is not None:
-        stamp = (finished if finished.tzinfo else finished.replace(tzinfo=dt.UTC)).timestamp()
+        stamp = aware(finished).timestamp()
         os.utime(tmp, (stamp, stamp))
     os.replace(tmp, path)
     return png

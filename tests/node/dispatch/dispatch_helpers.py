@@ -61,15 +61,19 @@ def cli(config: Path, *args: str, env: dict[str, str] | None = None,
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; return it or fail after ``timeout``."""
+             what: str = "condition", detail: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return it or fail after ``timeout``.
+
+    ``detail`` adds text to the failure (e.g. the tail of a node's log), read when it fails.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(interval)
 
 

@@ -215,7 +215,7 @@ def test_trickling_peers_are_cut_by_whole_pdu_deadlines(tmp_path: Path,
     """A byte every 0.5 s resets no timer: the A-ASSOCIATE-RQ must be complete within
     ``acse_timeout_s`` (5 s here), each PDU within the network/DIMSE timeouts (2 s); a cut
     association gets an A-ABORT first."""
-    caplog.set_level(logging.INFO, logger="lungnode.node.dimse.acceptor")
+    caplog.set_level(logging.INFO, logger="lungnode.node.dimse")
     with Running(tmp_path, "network_timeout_s = 2.0\ndimse_timeout_s = 2.0") as node:
         rq = associate_rq([(1, CT, [EXPLICIT])])
         pre = socket.create_connection(("127.0.0.1", node.port), timeout=15)

@@ -109,6 +109,19 @@ def test_bearer_token_and_multipart_framing(tmp_path: Path, chest_ct_dir: Path) 
     assert result.acknowledged == [i.sop_instance_uid for i in items]  # 200 without a body
 
 
+@pytest.mark.parametrize("code", [301, 302, 303])
+def test_a_redirect_is_a_failed_attempt_not_an_acknowledgement(tmp_path: Path, chest_ct_dir: Path,
+                                                              code: int) -> None:
+    """urllib would follow a redirected POST as a GET without the files; its 200 must not count
+    as "stored"."""
+    items = _items(chest_ct_dir, 2)
+    with webhook_listener(statuses=[code]) as http:
+        result = stow_items(Target("gw", http.url), items, timeout=10)
+    assert result.acknowledged == [] and result.status == code
+    assert f"HTTP {code}" in result.error and "redirected to" in result.error
+    assert [r.method for r in http.requests] == ["POST"]
+
+
 def _seq(uids: list[str], reason: int | None = None) -> dict[str, object]:
     items = []
     for uid in uids:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import io
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from tests.node.dispatch.dispatch_helpers import wait_for
 from tests.node_process import REPO, LungnodeProcess, free_port
 
 IMG = REPO / "docs" / "img"
@@ -44,15 +45,8 @@ def _post(url: str, fields: dict[str, str]) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _wait(predicate: Any, timeout: float, what: str, node: LungnodeProcess) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{node.log()[-4000:]}")
-        time.sleep(0.5)
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, node: LungnodeProcess) -> Any:
+    return wait_for(predicate, timeout, 0.5, what, detail=lambda: node.log()[-4000:])
 
 
 @pytest.mark.slow

@@ -72,6 +72,9 @@ def test_not_found_and_series_page(tmp_path: Path) -> None:
     assert pages.get("/series/1.2.3").status == 404
     assert pages.get("/nothing").status == 404
     assert pages.get("/jobs/99/picture.png").status == 404
+    assert pages.get("/jobs/3%0A").status == 404  # a trailing newline is not part of a route
+    assert pages.get(f"/series/{SERIES}%0A").status == 404
+    assert pages.get("/jobs/3").status == 200
     series = pages.get(f"/series/{SERIES}")
     assert series.status == 200
     assert b"chest-ct" in series.body and b'href="/jobs/3"' in series.body
