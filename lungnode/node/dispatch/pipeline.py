@@ -99,7 +99,8 @@ def measurements_dict(result: InferenceResult, gate: GateDecision,
                       report: SeverityReport | None = None,
                       comparison: Comparison | None = None) -> dict[str, Any]:
     """JSON-serialisable measurements stored on the job (``lungnode jobs`` shows them; a later
-    study of the same patient is compared with ``report``)."""
+    study of the same patient is compared with ``report``; ``severity_score`` is what
+    :attr:`lungnode.storage.models.Job.score` reads for the pages and the notifications)."""
     m = result.measurements
 
     def region(r: Any) -> dict[str, float]:
@@ -112,7 +113,10 @@ def measurements_dict(result: InferenceResult, gate: GateDecision,
             "model": {"name": result.model.name, "version": result.model.version},
             "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
             "quality_gate": {"passed": gate.passed, "reasons": list(gate.reasons)},
-            **({"report": report_to_dict(report)} if report is not None else {}),
+            **({"report": report_to_dict(report),
+                "severity_score": {"total": report.total_score, "max": report.max_score,
+                                   "scheme": report.scheme.name,
+                                   "regions": report.region_kind}} if report is not None else {}),
             **({"prior": _prior_dict(comparison, report)} if comparison is not None
                and report is not None else {})}
 

@@ -140,6 +140,11 @@ def test_same_patient_earlier_study_is_compared(ctx: Ctx, chest_ct_dir: Path,
     assert prior["source"] == f"lungnode job {first}"
     assert prior["po"] == m1["report"]["lungs"][2]["po"]
     assert prior["score_change"] == 0 and abs(prior["po_change_pp"]) < 0.01
+    assert m2["severity_score"] == {"total": m2["report"]["total_score"], "max": 30,
+                                    "scheme": "pan", "regions": "zones"}
+    with ctx.db.session() as s:
+        job = s.get(Job, second)
+        assert job is not None and job.score == m2["report"]["total_score"]  # pages, webhooks
     text = sr_text(ctx, second, tmp_path)
     assert '(LN0010,99LUNGNODE,"Change in percent of lung involved since prior")' in text
     assert '(LN0012,99LUNGNODE,"Days since prior study")="4.0" (d,UCUM,"day")' in text
