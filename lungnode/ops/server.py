@@ -121,9 +121,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if self.server.web is None or length > MAX_FORM_BYTES:
-            self._send(404 if self.server.web is None else 413, b"no\n", "text/plain; charset=utf-8")
+        if self.server.web is None:
+            self._send(404, b"no\n", "text/plain; charset=utf-8")
+            return
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        length = int(declared) if declared.isdigit() else -1  # rfile.read(-1) would read to EOF
+        if not 0 <= length <= MAX_FORM_BYTES:
+            self.close_connection = True  # the unread body must not be taken for a request
+            self._send(413 if length > MAX_FORM_BYTES else 400, b"no\n", "text/plain; charset=utf-8")
             return
         form = self.rfile.read(length)
         self._respond(self.server.web.post(self.path.split("?", 1)[0], form, self.client_address[0]))

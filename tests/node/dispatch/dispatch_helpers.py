@@ -13,23 +13,11 @@ from typing import Any
 from lungnode.node.dispatch import jobs
 from lungnode.storage.db import Database
 from lungnode.storage.models import Instance, Patient, Series, Study
+from tests.node_process import toml_value
 
 REPO = Path(__file__).resolve().parents[3]
 #: The test processors' module, for ``python -m tests.launch --processor {PROCS}:record``.
 PROCS = "tests.node.dispatch.dispatch_procs"
-
-
-def toml_value(value: Any) -> str:
-    """A scalar or list as TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:

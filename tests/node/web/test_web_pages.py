@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -126,6 +127,11 @@ def test_pages_are_served_beside_metrics(tmp_path: Path) -> None:
             assert exc.code == 413
         else:
             raise AssertionError("an oversized form was accepted")
+        for declared in ("-1", "x"):  # read(-1) would read until the client closes: unbounded
+            with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+                sock.sendall(f"POST /jobs/3/action HTTP/1.1\r\nHost: x\r\n"
+                             f"Content-Length: {declared}\r\n\r\naction=release".encode())
+                assert sock.recv(64).startswith(b"HTTP/1.1 400 ")
     finally:
         service.stop()
 
