@@ -21,6 +21,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 
 #: lungnode's Implementation Class UID (PS3.7 D.3.3.2; a UUID-derived UID under 2.25, fixed for
 #: all versions): sent in the A-ASSOCIATE-AC and written in the file meta of received instances.

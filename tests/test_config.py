@@ -19,6 +19,7 @@ def test_shipped_config_toml_is_valid_and_equals_defaults() -> None:
     assert shipped.node == defaults.node
     assert shipped.storage == defaults.storage
     assert shipped.rules == defaults.rules
+    assert shipped.report == defaults.report and shipped.priors == defaults.priors
 
 
 @pytest.mark.parametrize(
@@ -38,8 +39,16 @@ def test_shipped_config_toml_is_valid_and_equals_defaults() -> None:
         ("[metrics]\nbind = '0.0.0.300'\n", "metrics.bind", "an IP address"),
         ("[[node.peers]]\nae_title = 'PACS'\nhost = 'not-an-ip'\n", "node.peers[0].host", "CIDR"),
         ("[storage]\ndatabase_url = 'mysql://x'\n", "storage.database_url", "postgresql"),
-        ("[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = 'h'\nobjects = ['pdf']\n",
-         "destinations[0].objects", "'seg'"),
+        ("[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = 'h'\nobjects = ['png']\n",
+         "destinations[0].objects", "'summary', 'pdf'"),
+        ("[report]\nscheme = 'mine'\n", "report.scheme", "pan, chung"),
+        ("[report]\ncutoffs = ['>10', '>5']\n", "report.cutoffs", "ascending"),
+        ("[report]\ncutoffs = ['10']\n", "report.cutoffs", "'>0'"),
+        ("[report]\nregions = 'segments'\n", "report.regions", "'thirds'"),
+        ("[priors]\nsource = 'cloud'\n", "priors.source", "'pacs'"),
+        ("[priors]\nsource = 'pacs'\n", "priors.destination", "[[destinations]]"),
+        ("[priors]\nsource = 'pacs'\ndestination = 'x'\n", "priors.destination",
+         "none configured"),
         ("[[rules]]\nname = 'r'\naction = 'maybe'\n", "rules[0].action", "'include'"),
         ("[[destinations]]\nae_title = 'X'\nhost = 'h'\n", "destinations[0].name", "required"),
     ],

@@ -26,7 +26,12 @@ def _open(config: Config) -> tuple[Any, Any]:
 
 def _check_destination(args: argparse.Namespace, config: Config) -> int:
     from lungnode.node.dimse.scu import SOP_NAMES, TS_NAMES, check_destination
-    from lungnode.uids import COMPREHENSIVE_SR_STORAGE, SECONDARY_CAPTURE_STORAGE, SEGMENTATION_STORAGE
+    from lungnode.uids import (
+        COMPREHENSIVE_SR_STORAGE,
+        ENCAPSULATED_PDF_STORAGE,
+        SECONDARY_CAPTURE_STORAGE,
+        SEGMENTATION_STORAGE,
+    )
 
     try:
         dest = config.destination(args.name)
@@ -53,7 +58,8 @@ def _check_destination(args: argparse.Namespace, config: Config) -> int:
     for label, pairs in (("accepted", report.accepted), ("rejected", report.rejected)):
         for sop, ts in pairs:
             print(f"  {label:8s} {SOP_NAMES.get(sop, sop)} in {TS_NAMES.get(ts, ts)}")
-    needed = {"seg": SEGMENTATION_STORAGE, "sr": COMPREHENSIVE_SR_STORAGE, "sc": SECONDARY_CAPTURE_STORAGE}
+    needed = {"seg": SEGMENTATION_STORAGE, "sr": COMPREHENSIVE_SR_STORAGE, "sc": SECONDARY_CAPTURE_STORAGE,
+              "summary": SECONDARY_CAPTURE_STORAGE, "pdf": ENCAPSULATED_PDF_STORAGE}
     accepted = {sop for sop, _ in report.accepted}
     missing = [obj for obj in dest.objects if needed[obj] not in accepted]
     if missing:
@@ -127,10 +133,12 @@ def _release(args: argparse.Namespace, config: Config) -> int:
 
 
 def _infer(args: argparse.Namespace, config: Config) -> int:
+    from lungnode.inference.comparison import impression
     from lungnode.inference.dicom_io import SeriesError
     from lungnode.inference.engine import infer_folder
     from lungnode.inference.geometry import GeometryError
-    from lungnode.node.dispatch.pipeline import engine_from_config, output_context
+    from lungnode.inference.report import lobe_labels_for, severity_for
+    from lungnode.node.dispatch.pipeline import engine_from_config, output_context, report_options
     from lungnode.node.dispatch.quality import check_quality
     from lungnode.node.results.build import Profile, build_outputs
     from lungnode.node.results.seg import SegOptions
@@ -149,7 +157,10 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
     except (SeriesError, GeometryError) as exc:
         print(f"cannot process {args.input_dir}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return EXIT_FAIL
-    outputs = build_outputs(result, output_context(config, 0, result), profile)
+    options = report_options(config)
+    report = severity_for(result, options, lobe_labels_for(engine, result, options))
+    # offline: no database of earlier results, so no comparison (and the report says nothing)
+    outputs = build_outputs(result, output_context(config, 0, result), profile, report=report)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counters: dict[str, int] = {}
@@ -166,6 +177,12 @@ def _infer(args: argparse.Namespace, config: Config) -> int:
         "percent_involved": {"left": round(m.left.percent_involved, 2),
                              "right": round(m.right.percent_involved, 2),
                              "both": round(m.both.percent_involved, 2)},
+        "severity": {"score": f"{report.total_score}/{report.max_score}",
+                     "scheme": report.scheme.name, "regions": report.region_kind,
+                     "rule": report.rule, "po": round(report.both.po, 2),
+                     "pho": round(report.both.pho, 2),
+                     "po_by_region": {r.key: round(r.po, 2) for r in report.regions}},
+        "impression": impression(report),
         "quality_gate": "passed" if gate.passed else f"would hold: {gate.reason}",
         "seconds": {k: round(v, 2) for k, v in result.seconds.items()}}, indent=2))
     return 0
@@ -187,11 +204,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("job", type=int)
     p.add_argument("--now", action="store_true", help="send in the foreground instead of queueing")
     p.set_defaults(func=_release)
-    p = subparsers.add_parser("infer", help="offline: segment one series folder, write SEG/SR/SC")
+    p = subparsers.add_parser("infer", help="offline: segment one series folder, write SEG/SR/SC, "
+                                            "the summary page and its PDF")
     p.add_argument("input_dir")
     p.add_argument("output_dir")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
-    p.add_argument("--objects", default="seg,sr", help="comma list of seg, sr, sc (default seg,sr)")
+    p.add_argument("--objects", default="seg,sr,summary",
+                   help="comma list of seg, sr, sc, summary, pdf (default seg,sr,summary)")
     p.add_argument("--destination", default=None, help="write what this destination would get")
     p.add_argument("--model", default=None, help="model bundle (default: [inference] model)")
     p.set_defaults(func=_infer)

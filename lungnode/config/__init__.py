@@ -14,6 +14,8 @@ Sections
 ``[jobs]``           Job leases, retries, local workers.
 ``[inference]``      Model bundle, device, sliding window.
 ``[results]``        Output series numbering, quality gate.
+``[report]``         Regions (zones or lobes), severity score scheme, high-opacity threshold.
+``[priors]``         Comparison with the prior exam (off, local, pacs).
 ``[[destinations]]`` Where results are sent (DICOM C-STORE or DICOMweb STOW-RS; or shadow).
 ``[delivery]``       Send retries.
 ``[metrics]``        Prometheus and health endpoint.
@@ -31,13 +33,21 @@ from lungnode.config.dispatch import (
 from lungnode.config.load import ENV_CONFIG, Config, config_path, load_config, parse_config
 from lungnode.config.node import NodeConfig, PeerConfig, StorageConfig, TlsConfig
 from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
-from lungnode.config.results import DeliveryConfig, DestinationConfig, QualityGateConfig, ResultsConfig
+from lungnode.config.results import (
+    DeliveryConfig,
+    DestinationConfig,
+    PriorsConfig,
+    QualityGateConfig,
+    ReportConfig,
+    ResultsConfig,
+)
 from lungnode.config.typed_toml import ConfigError
 from lungnode.config.web import NOTIFICATION_EVENTS, NotificationConfig, WebConfig
 
 __all__ = [
     "ENV_CONFIG", "NOTIFICATION_EVENTS", "CompletionConfig", "Config", "ConfigError", "DeliveryConfig",
     "DestinationConfig", "InferenceConfig", "JobsConfig", "LoggingConfig", "MetricsConfig", "NodeConfig",
-    "NotificationConfig", "PeerConfig", "QualityGateConfig", "ResultsConfig", "RetentionConfig",
-    "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig", "config_path", "load_config", "parse_config",
+    "NotificationConfig", "PeerConfig", "PriorsConfig", "QualityGateConfig", "ReportConfig",
+    "ResultsConfig", "RetentionConfig", "RuleConfig", "StorageConfig", "TlsConfig", "WebConfig",
+    "config_path", "load_config", "parse_config",
 ]

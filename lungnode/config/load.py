@@ -16,7 +16,13 @@ from pathlib import Path
 from lungnode.config.dispatch import CompletionConfig, InferenceConfig, JobsConfig, RuleConfig, default_rules
 from lungnode.config.node import NodeConfig, StorageConfig
 from lungnode.config.ops import LoggingConfig, MetricsConfig, RetentionConfig
-from lungnode.config.results import DeliveryConfig, DestinationConfig, ResultsConfig
+from lungnode.config.results import (
+    DeliveryConfig,
+    DestinationConfig,
+    PriorsConfig,
+    ReportConfig,
+    ResultsConfig,
+)
 from lungnode.config.typed_toml import ConfigError, build_dataclass
 from lungnode.config.web import NotificationConfig, WebConfig
 
@@ -57,6 +63,8 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -79,9 +87,15 @@ class Config:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ConfigError("destinations", names, "unique destination names")
-        names = [n.name for n in self.notifications]
-        if len(names) != len(set(names)):
-            raise ConfigError("notifications", names, "unique notification names")
+        notification_names = [n.name for n in self.notifications]
+        if len(notification_names) != len(set(notification_names)):
+            raise ConfigError("notifications", notification_names, "unique notification names")
+        if self.priors.source == "pacs":
+            dimse = [d.name for d in self.destinations if d.kind == "dimse"]
+            if self.priors.destination not in dimse:
+                raise ConfigError("priors.destination", self.priors.destination,
+                                  f"one of the DICOM (kind = 'dimse') destinations "
+                                  f"({', '.join(dimse) or 'none configured'})")
 
     def destination(self, name: str) -> DestinationConfig:
         """Return the destination called ``name`` (KeyError if none)."""

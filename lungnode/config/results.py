@@ -1,5 +1,6 @@
-"""Configuration of results: ``[results]`` (quality gate, label), ``[[destinations]]`` (DICOM, STOW-RS,
-shadow) and ``[delivery]``."""
+"""Configuration of results: ``[results]`` (quality gate, label), ``[report]`` (regions, severity
+score), ``[priors]`` (comparison with the prior exam), ``[[destinations]]`` (DICOM, STOW-RS, shadow)
+and ``[delivery]``."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class QualityGateConfig:
 class ResultsConfig:
     """The DICOM objects the node writes."""
 
-    #: Series numbers of our outputs start here (SEG +0, SR +1, SC +2).
+    #: Series numbers of our outputs start here (SEG +0, SR +1, SC +2, summary +3, PDF +4).
     series_number_base: int = 9100
     #: Manufacturer written into every output (also how loop protection recognises them).
     manufacturer: str = "lungnode"
@@ -45,6 +46,60 @@ class ResultsConfig:
     def validate(self, key: str) -> None:
         check_range(f"{key}.series_number_base", self.series_number_base, 1, 2**31 - 10)
         self.quality_gate.validate(f"{key}.quality_gate")
+
+
+#: Objects a destination can get.
+RESULT_OBJECTS = ("seg", "sr", "sc", "summary", "pdf")
+#: Severity score schemes known by name (``lungnode.inference.severity.SCHEMES``).
+SCORE_SCHEMES = ("pan", "chung")
+_CUTOFF = re.compile(r"^\s*(>=|>)\s*\d+(\.\d+)?\s*%?\s*$")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The radiologist's report: regions, severity score, high-opacity threshold."""
+
+    #: ``auto`` (lobes when the model declares lobe classes, else zones by the carina or volume
+    #: thirds), ``zones`` (never lobes) or ``thirds`` (zones by volume thirds only).
+    regions: str = "auto"
+    #: Score scheme: ``pan`` (0-5 per region: >0, >=5, >25, >=50, >75 %) or ``chung`` (0-4).
+    scheme: str = "pan"
+    #: Your own cut-offs instead of the scheme's, e.g. [">0", ">=5", ">25", ">=50", ">75"].
+    cutoffs: tuple[str, ...] = ()
+    #: High opacity (PHO) is infiltrate above this HU (Chaganti et al. 2020: -200).
+    pho_min_hu: float = -200.0
+
+    def validate(self, key: str) -> None:
+        if self.regions not in ("auto", "zones", "thirds"):
+            raise ConfigError(f"{key}.regions", self.regions, "'auto', 'zones' or 'thirds'")
+        if self.scheme not in SCORE_SCHEMES and not self.cutoffs:
+            raise ConfigError(f"{key}.scheme", self.scheme,
+                              f"one of {', '.join(SCORE_SCHEMES)} (or set cutoffs)")
+        values = []
+        for c in self.cutoffs:
+            if not _CUTOFF.match(c):
+                raise ConfigError(f"{key}.cutoffs", list(self.cutoffs), "cut-offs like '>0', '>=5'")
+            values.append(float(c.strip().lstrip(">=").rstrip("% ")))
+        if values != sorted(values) or (values and values[-1] > 100):
+            raise ConfigError(f"{key}.cutoffs", list(self.cutoffs), "ascending percentages 0-100")
+        check_range(f"{key}.pho_min_hu", self.pho_min_hu, -1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class PriorsConfig:
+    """Comparison with the prior exam of the same patient (same Patient ID and Issuer)."""
+
+    #: ``off``, ``local`` (this node's own earlier results) or ``pacs`` (also ask a PACS).
+    source: str = "local"
+    #: The ``[[destinations]]`` entry to query when ``source = "pacs"``.
+    destination: str = ""
+
+    def validate(self, key: str) -> None:
+        if self.source not in ("off", "local", "pacs"):
+            raise ConfigError(f"{key}.source", self.source, "'off', 'local' or 'pacs'")
+        if self.source == "pacs" and not self.destination:
+            raise ConfigError(f"{key}.destination", self.destination,
+                              "the name of a [[destinations]] entry when source = 'pacs'")
 
 
 @dataclass(frozen=True)
@@ -69,8 +124,9 @@ class DestinationConfig:
     secret_file: str = ""
     #: STOW-RS over https: PEM CA bundle to verify the server (empty: the system's CAs).
     ca: str = ""
-    #: Objects to send: any of ``seg``, ``sr``, ``sc`` (burned-in overlay series).
-    objects: tuple[str, ...] = ("seg", "sr")
+    #: Objects to send: any of ``seg``, ``sr``, ``sc`` (burned-in overlay series), ``summary``
+    #: (the one-page report as a Secondary Capture), ``pdf`` (the page as Encapsulated PDF).
+    objects: tuple[str, ...] = ("seg", "sr", "summary")
     #: SEG transfer syntax: ``explicit`` (Explicit VR Little Endian) or ``jpeg2000`` (lossless).
     seg_transfer_syntax: str = "explicit"
     #: Leave frames without any segment out of the SEG (OHIF misplaces segments when on).
@@ -108,8 +164,9 @@ class DestinationConfig:
         else:
             self._validate_stow(key)
         for obj in self.objects:
-            if obj not in ("seg", "sr", "sc"):
-                raise ConfigError(f"{key}.objects", list(self.objects), "a list of 'seg', 'sr', 'sc'")
+            if obj not in RESULT_OBJECTS:
+                raise ConfigError(f"{key}.objects", list(self.objects),
+                                  f"a list of {', '.join(repr(o) for o in RESULT_OBJECTS)}")
         if self.seg_transfer_syntax not in ("explicit", "jpeg2000"):
             raise ConfigError(f"{key}.seg_transfer_syntax", self.seg_transfer_syntax,
                               "'explicit' or 'jpeg2000'")

@@ -233,7 +233,7 @@ class FileStore:
     def output_relpath(self, job_id: int, kind: str, sop_uid: str) -> str:
         """Relative path of an output object of a job."""
         sop = require_uid("SOPInstanceUID", sop_uid)
-        if kind not in ("seg", "sr", "sc"):
+        if kind not in ("seg", "sr", "sc", "summary", "pdf"):
             raise ValueError(f"unknown output kind {kind!r}")
         return f"results/{int(job_id)}/{kind}-{sop}.dcm"
 

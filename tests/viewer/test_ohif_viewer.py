@@ -113,14 +113,23 @@ def test_secondary_capture_opens_as_ordinary_images(proof: ProofReport) -> None:
         assert count <= MAX_ABSENT_SHARE * _area(proof), (label, count, empty)
 
 
+def test_summary_page_opens_in_ohif(proof: ProofReport) -> None:
+    """The one-page summary (Secondary Capture) sent by the node opens in the viewport and its
+    yellow "NOT FOR PRIMARY DIAGNOSIS" is on screen (``05-summary.png``)."""
+    assert proof.summary, "no summary page reached Orthanc"
+    assert proof.summary["shown"], proof.summary
+    assert proof.summary["warning_pixels"] >= 200, proof.summary
+
+
 def test_sr_is_listed_and_parsed_by_ohif(proof: ProofReport) -> None:
-    """OHIF lists the SR in the study browser and its DICOM SR handler finds the two measurement
-    groups (Lung, Infiltrate). What it shows on opening it: ``04-sr.png`` and the report."""
+    """OHIF lists the SR in the study browser and its DICOM SR handler finds the measurement
+    groups: Lung, Infiltrate, the six zones and Both lungs (docs/report.md). What it shows on
+    opening it: ``04-sr.png`` and the report."""
     assert proof.sr, "no SR reached Orthanc"
     assert proof.sr["listed_in_study_browser"], proof.sr
     (display_set,) = proof.sr["ohif_display_sets"]
     assert display_set["SOPClassHandlerId"].endswith("dicom-sr"), display_set
-    assert display_set["measurements"] == 2, display_set
+    assert display_set["measurements"] == 2 + 6 + 1, display_set
 
 
 @pytest.mark.xfail(strict=True, reason="OHIF 3.13.2 reads coords[0].ReferencedSOPSequence of every "

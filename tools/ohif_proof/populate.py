@@ -94,7 +94,8 @@ def populate_harness(orthanc: Orthanc, ct_dir: Path, workdir: Path, shift: int =
 
 
 def populate_builders(orthanc: Orthanc, ct_dir: Path) -> None:
-    """CT by REST plus SEG, SR and SC from lungnode's own builders on a threshold result."""
+    """CT by REST plus SEG, SR, SC and the summary page from lungnode's own builders on a
+    threshold result."""
     from lungnode.node.results.build import Profile, build_outputs
     from lungnode.node.results.common import OutputContext
 
@@ -102,7 +103,7 @@ def populate_builders(orthanc: Orthanc, ct_dir: Path) -> None:
     for path in sorted(ct_dir.glob("*.dcm")):
         orthanc.post_instance(path.read_bytes())
     outputs = build_outputs(result, OutputContext(job_id=1, model=result.model),
-                            Profile(objects=("seg", "sr", "sc")))
+                            Profile(objects=("seg", "sr", "sc", "summary")))
     for out in outputs:
         orthanc.post_instance(out.data)
 
@@ -110,7 +111,8 @@ def populate_builders(orthanc: Orthanc, ct_dir: Path) -> None:
 def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "auto",
                   destination: dict[str, Any] | None = None,
                   timeout: float = 900.0) -> tuple[str, str]:
-    """The real flow: storescu → ``lungnode run`` → C-STORE of SEG, SR and SC into Orthanc.
+    """The real flow: storescu → ``lungnode run`` → C-STORE of SEG, SR, SC and the summary page
+    into Orthanc.
 
     ``engine``: ``model`` (the node's configured model), ``threshold`` (:class:`ThresholdEngine`
     through ``tests/launch.py --engine``: everything real except the segmentation), or ``auto`` (the model
@@ -132,7 +134,7 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
         "jobs": jobs,
         "delivery": {"retry_delays_s": [2.0, 5.0, 10.0], "timeout_s": 30.0, "poll_s": 0.5},
         "destinations": [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                          "port": orthanc.dicom_port, "objects": ["seg", "sr", "sc"],
+                          "port": orthanc.dicom_port, "objects": ["seg", "sr", "sc", "summary"],
                           **(destination or {})}],
     }
     if engine == "threshold":  # the stand-in's masks are not meant to pass the gate's plausibility
@@ -151,12 +153,18 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
 
         def arrived() -> bool:
             series = orthanc.find("Series", {})
-            mods = {str(x["MainDicomTags"].get("Modality")): len(x["Instances"]) for x in series}
-            others = [count for mod, count in mods.items() if mod not in ("CT", "SEG", "SR")]
-            return "SEG" in mods and "SR" in mods and bool(others) and max(others) >= n_ct
+            mods = {str(x["MainDicomTags"].get("Modality")) for x in series}
+            others = [x for x in series
+                      if str(x["MainDicomTags"].get("Modality")) not in ("CT", "SEG", "SR")]
+            pages = [x for x in others if "AI lung report page" in str(x["MainDicomTags"].get(
+                "SeriesDescription", ""))]
+            overlay = [len(x["Instances"]) for x in others if x not in pages]
+            return ("SEG" in mods and "SR" in mods and bool(overlay) and max(overlay) >= n_ct
+                    and bool(pages))
 
         try:
-            wait_until(arrived, timeout, "SEG, SR and SC from lungnode in Orthanc", interval=2.0)
+            wait_until(arrived, timeout, "SEG, SR, SC and the summary page from lungnode in Orthanc",
+                       interval=2.0)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- lungnode log (tail) ---\n{node.log()[-4000:]}") from exc
         # the CT itself is what the radiologist has in the PACS already: add it by REST

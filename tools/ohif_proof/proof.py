@@ -4,6 +4,7 @@ and the command line (``tools/viewer_proof.py``)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -51,6 +52,8 @@ class ProofReport:
     sc_series_count: int | None = None
     sc_shown_count: int | None = None
     sr: dict[str, Any] = field(default_factory=dict)
+    #: The one-page summary (Secondary Capture): shown in the viewport, warning colour seen.
+    summary: dict[str, Any] = field(default_factory=dict)
     ohif_segmentations: list[dict[str, Any]] = field(default_factory=list)
     browser_errors: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -161,6 +164,17 @@ def run_proof(out_dir: Path, source: str = "node", ct_dir: Path | None = None,
     return report
 
 
+def _shows(page: OhifPage, sop_uid: str) -> bool:
+    """Whether the active viewport shows the instance ``sop_uid``."""
+    state = page.state()
+    return state is not None and state.sop_uid == sop_uid
+
+
+def _is_summary(series: dict[str, Any]) -> bool:
+    """The summary page series (lungnode's "AI lung report page")."""
+    return "AI lung report page" in str(series["MainDicomTags"].get("SeriesDescription", ""))
+
+
 def _image_sops(page: OhifPage) -> list[str]:
     js = """
 const cs = window.cornerstone; let vp = null;
@@ -197,7 +211,9 @@ def _browse(driver: Any, orthanc: Orthanc, report: ProofReport, truth: SegTruth,
         report.seg_slices.append(analyse_seg_slice(name, state, img, ct_pages[idx], truth, shot))
     report.seconds["seg_done"] = time.monotonic() - t0
     # 3. the Secondary Capture overlay series: opens as ordinary images
-    sc_series = [s for m, lst in by_mod.items() if m not in ("CT", "SEG", "SR") for s in lst]
+    others = [s for m, lst in by_mod.items() if m not in ("CT", "SEG", "SR") for s in lst]
+    summaries = [s for s in others if _is_summary(s)]
+    sc_series = [s for s in others if not _is_summary(s)]
     if sc_series:
         sc_instances = instances_of(orthanc, sc_series[0])
         report.sc_series_count = len(sc_instances)
@@ -237,6 +253,20 @@ def _browse(driver: Any, orthanc: Orthanc, report: ProofReport, truth: SegTruth,
                         check.inside_rendered_lungs[label] = float((m & lungs).sum() / m.sum())
             report.sc_slices.append(check)
     report.seconds["sc_done"] = time.monotonic() - t0
+    # 3b. the one-page summary (a single Secondary Capture image)
+    for series in summaries[:1]:
+        (page_ds,) = instances_of(orthanc, series)[:1]
+        page.double_click_series(str(page_ds.get("SeriesDescription", "")) or "OT")
+        wait_until(functools.partial(_shows, page, str(page_ds.SOPInstanceUID)), 60,
+                   "the summary page in the viewport")
+        page.settle()
+        shot = out_dir / "05-summary.png"
+        shown = page.state()
+        warning = 0
+        if shown is not None:
+            warning = int(colour_mask(shown.crop(page.screenshot(shot)), (255, 220, 0)).sum())
+        report.summary = {"shown": shown is not None, "screenshot": str(shot),
+                          "warning_pixels": warning}
     # everything up to here must be free of errors; the SR is looked at on its own
     report.browser_errors = page.errors(page.read_console())
     # 4. the SR: what does OHIF make of it?

@@ -19,6 +19,7 @@ from pynetdicom import AE, _config
 from lungnode.config import DestinationConfig, TlsConfig
 from lungnode.uids import (
     COMPREHENSIVE_SR_STORAGE,
+    ENCAPSULATED_PDF_STORAGE,
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     JPEG2000_LOSSLESS,
@@ -158,15 +159,18 @@ class DestinationCheck:
     error: str = ""
 
 
-#: What ``check-destination`` proposes: SEG (explicit, JPEG 2000 lossless), Comprehensive SR, SC.
+#: What ``check-destination`` proposes: SEG (explicit, JPEG 2000 lossless), Comprehensive SR, SC,
+#: Encapsulated PDF.
 CHECK_CONTEXTS = (
     (SEGMENTATION_STORAGE, EXPLICIT_VR_LE),
     (SEGMENTATION_STORAGE, JPEG2000_LOSSLESS),
     (COMPREHENSIVE_SR_STORAGE, EXPLICIT_VR_LE),
     (SECONDARY_CAPTURE_STORAGE, EXPLICIT_VR_LE),
+    (ENCAPSULATED_PDF_STORAGE, EXPLICIT_VR_LE),
 )
 SOP_NAMES = {SEGMENTATION_STORAGE: "Segmentation", VERIFICATION: "Verification",
-             COMPREHENSIVE_SR_STORAGE: "Comprehensive SR", SECONDARY_CAPTURE_STORAGE: "Secondary Capture"}
+             COMPREHENSIVE_SR_STORAGE: "Comprehensive SR", SECONDARY_CAPTURE_STORAGE: "Secondary Capture",
+             ENCAPSULATED_PDF_STORAGE: "Encapsulated PDF"}
 TS_NAMES = {EXPLICIT_VR_LE: "Explicit VR Little Endian", JPEG2000_LOSSLESS: "JPEG 2000 Lossless",
             IMPLICIT_VR_LE: "Implicit VR"}
 

@@ -5,8 +5,10 @@
 1. Read the job and the current instances of its series (paths in the file store).
 2. Run the inference engine (``ctx.engine``). Unreadable or geometrically invalid series are a
    :class:`PermanentJobError`; anything else propagates and is retried by the worker.
-3. Build the outputs once per destination (SEG, SR, SC per its settings; with no destination
-   configured, one SEG + SR set under the destination name ``""`` so results exist locally), write
+3. Score the regions (:func:`~lungnode.inference.report.severity_for`, ``[report]``), look up
+   the prior exam (:mod:`.priors`, ``[priors]``), then build the outputs once per destination
+   (SEG, SR, SC, summary page, PDF per its settings; with no destination configured, SEG + SR +
+   summary under the destination name ``""`` so results exist locally), write
    them durably and record :class:`~lungnode.storage.models.Output` rows. A retried job reuses
    outputs already recorded for a destination, so SOP Instance UIDs never change.
 4. Quality gate: a failing result returns ``held`` with its reason (outputs kept, nothing queued;
@@ -34,8 +36,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from lungnode.config import Config
+from lungnode.inference.comparison import Comparison, report_to_dict
+from lungnode.inference.report import ReportOptions, lobe_labels_for, severity_for
+from lungnode.inference.severity import SeverityReport
 from lungnode.inference.types import InferenceResult
 from lungnode.node.dispatch.outcome import JobOutcome, PermanentJobError
+from lungnode.node.dispatch.priors import find_comparison
 from lungnode.node.dispatch.quality import GateDecision, check_quality
 from lungnode.node.results.build import BuiltOutput, Profile, build_outputs, profiles_for
 from lungnode.node.results.common import NOT_FOR_CLINICAL_USE, OutputContext, SourceSeries
@@ -83,8 +89,18 @@ def engine_from_config(config: Config) -> Any:
                            options=options)
 
 
-def measurements_dict(result: InferenceResult, gate: GateDecision) -> dict[str, Any]:
-    """JSON-serialisable measurements stored on the job (``lungnode jobs`` shows them)."""
+def report_options(config: Config) -> ReportOptions:
+    """``[report]`` as the options of :func:`~lungnode.inference.report.severity_for`."""
+    r = config.report
+    return ReportOptions.from_settings(r.regions, r.scheme, tuple(r.cutoffs), r.pho_min_hu)
+
+
+def measurements_dict(result: InferenceResult, gate: GateDecision,
+                      report: SeverityReport | None = None,
+                      comparison: Comparison | None = None) -> dict[str, Any]:
+    """JSON-serialisable measurements stored on the job (``lungnode jobs`` shows them; a later
+    study of the same patient is compared with ``report``; ``severity_score`` is what
+    :attr:`lungnode.storage.models.Job.score` reads for the pages and the notifications)."""
     m = result.measurements
 
     def region(r: Any) -> dict[str, float]:
@@ -96,7 +112,23 @@ def measurements_dict(result: InferenceResult, gate: GateDecision) -> dict[str, 
             "lung_source": result.lung_source,
             "model": {"name": result.model.name, "version": result.model.version},
             "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-            "quality_gate": {"passed": gate.passed, "reasons": list(gate.reasons)}}
+            "quality_gate": {"passed": gate.passed, "reasons": list(gate.reasons)},
+            **({"report": report_to_dict(report),
+                "severity_score": {"total": report.total_score, "max": report.max_score,
+                                   "scheme": report.scheme.name,
+                                   "regions": report.region_kind}} if report is not None else {}),
+            **({"prior": _prior_dict(comparison, report)} if comparison is not None
+               and report is not None else {})}
+
+
+def _prior_dict(comparison: Comparison, report: SeverityReport) -> dict[str, Any]:
+    if comparison.prior is None:
+        return {"note": comparison.note}
+    change = comparison.po_change(report)
+    return {"study_date": comparison.prior.study_date, "source": comparison.prior.source,
+            "po": comparison.prior.po, "total_score": comparison.prior.total_score,
+            "po_change_pp": None if change is None else round(change, 2),
+            "score_change": comparison.score_change(report), "days": comparison.days}
 
 
 def series_files(db: Database, store: FileStore, series_uid: str) -> list[Path]:
@@ -146,8 +178,11 @@ def output_context(config: Config, job_pk: int, result: InferenceResult) -> Outp
 
 
 def build_and_store(config: Config, db: Database, store: FileStore, job_pk: int,
-                    result: InferenceResult, supersedes: int | None) -> dict[str, int]:
-    """Build and store outputs for every destination profile that has none yet.
+                    result: InferenceResult, supersedes: int | None,
+                    report: SeverityReport | None = None,
+                    comparison: Comparison | None = None) -> dict[str, int]:
+    """Build and store outputs for every destination profile that has none yet (``report`` and
+    ``comparison`` go into the SR and the summary page).
 
     Returns
     -------
@@ -166,7 +201,8 @@ def build_and_store(config: Config, db: Database, store: FileStore, job_pk: int,
         source = source or SourceSeries.from_files(result.volume.source_files)
         t0 = time.perf_counter()
         outputs = build_outputs(result, ctx, profile, source=source,
-                                predecessor_sr=predecessor_sr(db, store, supersedes, name))
+                                predecessor_sr=predecessor_sr(db, store, supersedes, name),
+                                report=report, comparison=comparison)
         store_outputs(db, store, job_pk, name, outputs)
         metrics.STAGE_SECONDS.labels("build").observe(time.perf_counter() - t0)
         written[name] = len(outputs)
@@ -221,18 +257,22 @@ def process_job(job_pk: int, ctx: PipelineContext) -> JobOutcome:
     if not files:
         raise PermanentJobError("the series has no stored instances (deleted by retention?)")
     t0 = time.perf_counter()
+    engine = ctx.engine
     try:
-        result: InferenceResult = ctx.engine.run(files)
+        result: InferenceResult = engine.run(files)
     except (SeriesError, GeometryError) as exc:
         raise PermanentJobError(str(getattr(exc, "reason", exc))) from exc
+    options = report_options(config)
+    report = severity_for(result, options, lobe_labels_for(engine, result, options))
     metrics.STAGE_SECONDS.labels("inference").observe(time.perf_counter() - t0)
+    comparison = find_comparison(config, db, job_pk)
     gate = check_quality(result.measurements, config.results.quality_gate)
-    measurements = measurements_dict(result, gate)
+    measurements = measurements_dict(result, gate, report, comparison)
     with db.session() as s:
         job_row = s.get(Job, job_pk)
         if job_row is not None:
             job_row.measurements = measurements
-    written = build_and_store(config, db, store, job_pk, result, supersedes)
+    written = build_and_store(config, db, store, job_pk, result, supersedes, report, comparison)
     log.info("job %d: outputs written %s; lung %.0f mL, infiltrate %.1f mL (%.1f %%)", job_pk,
              written or "(already present)", result.measurements.both.lung_ml,
              result.measurements.both.infiltrate_ml, result.measurements.both.percent_involved)

@@ -9,8 +9,8 @@ Owns
   from the source, on every SEG, SR and SC. This is what loop protection recognises.
 * :func:`encode`: a dataset as Part 10 bytes (what is stored and sent, never re-encoded).
 
-Series numbers: SEG ``base + 0``, SR ``base + 1``, SC ``base + 2`` (``[results]
-series_number_base``).
+Series numbers: SEG ``base + 0``, SR ``base + 1``, SC ``base + 2``, summary page ``base + 3``,
+its PDF ``base + 4`` (``[results] series_number_base``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lungnode.inference.types import ModelInfo
 from lungnode.provenance import add_provenance
 
 #: Offsets of each kind's series number from ``[results] series_number_base``.
-SERIES_OFFSETS = {"seg": 0, "sr": 1, "sc": 2}
+SERIES_OFFSETS = {"seg": 0, "sr": 1, "sc": 2, "summary": 3, "pdf": 4}
 #: What ``[results] label_not_for_clinical_use`` puts in front of every SeriesDescription.
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 #: Manufacturer's model name written into every output.

@@ -94,7 +94,7 @@ def outbound_items(session: Session, store: FileStore, job_pk: int, dest: Destin
     rows = session.scalars(select(Output).where(Output.job_pk == job_pk,
                                                 Output.destination == dest.name)
                            .order_by(Output.id)).all()
-    order = {"seg": 0, "sr": 1, "sc": 2}
+    order = {"seg": 0, "sr": 1, "sc": 2, "summary": 3, "pdf": 4}
     skipped = set(skip)
     return [OutboundItem(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid,
                          store.path(r.path))

@@ -13,6 +13,12 @@ Tree (``dsrdump`` shows it)::
           Finding = Infiltrate, Finding Site = Lung, Algorithm = model name/version
           Volume [mL]                     left, right, both
           Percent of lung involved [%]    left, right, both
+        Measurement Group per zone or lobe, and one for both lungs (total score, PO, PHO,
+          change since the prior exam): see :mod:`.sr_report`
+      Impression (DCM 121073): one sentence a radiologist can paste into a report
+
+The document title stays "Imaging Measurement Report" (what OHIF and PACS recognise as TID 1500);
+the series description carries the headline figures ("AI lung report PO 23.0% score 12/30").
 
 "Percent of lung involved" has no standard code: it is ``(LN0001, 99LUNGNODE, "Percent of lung
 involved")`` in our local coding scheme ``99LUNGNODE``, declared in the Coding Scheme
@@ -31,24 +37,24 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from lungnode.inference.comparison import Comparison
+from lungnode.inference.severity import SeverityReport
 from lungnode.inference.types import Measurements, RegionMeasurement
 from lungnode.node.results.common import OutputContext, SourceSeries, finish_output, new_uid
 from lungnode.node.results.seg import LUNG_TYPE, MODEL_NAME, SegmentSpec
+from lungnode.node.results.sr_report import (
+    CC,
+    LATERALITY,
+    LOCAL_SCHEME,
+    ML,
+    PERCENT,
+    PERCENT_INVOLVED,
+    VOLUME,
+    impression_item,
+    report_groups,
+)
 
-CC = hd.sr.CodedConcept
-
-#: Our local coding scheme (PS3.16 §8.2: 99 prefix for private schemes).
-LOCAL_SCHEME = "99LUNGNODE"
-PERCENT_INVOLVED = CC("LN0001", LOCAL_SCHEME, "Percent of lung involved")
-VOLUME = CC("118565006", "SCT", "Volume")
-ML = CC("mL", "UCUM", "milliliter")
-PERCENT = CC("%", "UCUM", "percent")
 CT_CHEST = CC("169069000", "SCT", "CT of chest")
-LATERALITY = {
-    "left": CC("7771000", "SCT", "Left"),
-    "right": CC("24028007", "SCT", "Right"),
-    "both": CC("51440002", "SCT", "Right and left"),
-}
 
 
 def _regions(measurements: Measurements) -> dict[str, RegionMeasurement]:
@@ -95,7 +101,8 @@ def _coding_scheme_item() -> Dataset:
 def build_sr(source: SourceSeries, segs: Sequence[Dataset], specs: Sequence[SegmentSpec],
              measurements: Measurements, ctx: OutputContext, *,
              predecessor: Dataset | None = None, series_uid: str | None = None,
-             description_suffix: str = "") -> Dataset:
+             description_suffix: str = "", report: SeverityReport | None = None,
+             comparison: Comparison | None = None) -> Dataset:
     """Build the TID 1500 Comprehensive SR.
 
     Parameters
@@ -117,6 +124,10 @@ def build_sr(source: SourceSeries, segs: Sequence[Dataset], specs: Sequence[Segm
         SR series UID (fresh when ``None``).
     description_suffix:
         Appended to the series description.
+    report:
+        Figures per region (:mod:`.sr_report` groups and the impression) when given.
+    comparison:
+        The prior exam, or why there is none.
 
     Returns
     -------
@@ -130,13 +141,15 @@ def build_sr(source: SourceSeries, segs: Sequence[Dataset], specs: Sequence[Segm
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=ctx.observer_uid(), name=ctx.station_ae, manufacturer_name=ctx.manufacturer,
             model_name=MODEL_NAME))
-    groups = []
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    refs: dict[str, hd.sr.ReferencedSegment] = {}
     for spec in specs:
         seg, number = _find_segment(segs, spec.label)
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
             segment_number=number,
             source_series=hd.sr.SourceSeriesForSegmentation(source.series_uid))
+        refs[spec.key] = referenced
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=spec.tracking_uid,
                                                          identifier=spec.label),
@@ -146,14 +159,19 @@ def build_sr(source: SourceSeries, segs: Sequence[Dataset], specs: Sequence[Segm
             finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG_TYPE)],
             measurements=_measurements(spec, measurements, algorithm),
         ))
-    report = hd.sr.MeasurementReport(
+    if report is not None:
+        groups.extend(report_groups(report, comparison, algorithm, refs["lung"],
+                                    refs["infiltrate"]))
+    content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CT_CHEST,
         imaging_measurements=groups,
-    )
+    )[0]
+    if report is not None:  # TID 1500 is extensible: the impression follows the measurements
+        content.ContentSequence.append(impression_item(report, comparison))
     sr = hd.sr.ComprehensiveSR(
         evidence=list(segs),
-        content=report[0],
+        content=content,
         series_instance_uid=series_uid or new_uid(),
         series_number=ctx.series_number("sr"),
         sop_instance_uid=new_uid(),
@@ -163,6 +181,9 @@ def build_sr(source: SourceSeries, segs: Sequence[Dataset], specs: Sequence[Segm
         previous_versions=[predecessor] if predecessor is not None else None,
     )
     sr.CodingSchemeIdentificationSequence = [_coding_scheme_item()]
-    finish_output(sr, source, ctx,
-                  series_description=f"AI lung infiltrate report{description_suffix}")
+    description = "AI lung infiltrate report"
+    if report is not None:  # what a PACS study list shows next to the series
+        description = (f"AI lung report PO {report.both.po:.1f}% "
+                       f"score {report.total_score}/{report.max_score}")
+    finish_output(sr, source, ctx, series_description=f"{description}{description_suffix}")
     return sr

@@ -1,4 +1,5 @@
-"""``lungnode infer``: offline SEG + SR (+ SC) from a folder with a model bundle, valid objects."""
+"""``lungnode infer``: offline SEG + SR (+ SC, summary page, PDF) from a folder with a model
+bundle, valid objects."""
 
 from __future__ import annotations
 
@@ -23,11 +24,15 @@ def test_infer_writes_valid_seg_sr_sc(tmp_path: Path, chest_ct_dir: Path) -> Non
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "lungnode.cli", "--config", str(config), "infer",
                            str(chest_ct_dir), str(out), "--model", str(bundle),
-                           "--objects", "seg,sr,sc"], capture_output=True, text=True, cwd=REPO,
+                           "--objects", "seg,sr,sc,summary,pdf"], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert report["written"] == {"seg": 1, "sr": 1, "sc": 30}
+    assert report["written"] == {"seg": 1, "sr": 1, "sc": 30, "summary": 1, "pdf": 1}
+    assert report["severity"]["score"].endswith("/30") and report["severity"]["regions"] == "zones"
+    assert set(report["severity"]["po_by_region"]) == {
+        "right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower"}
+    assert "severity score" in report["impression"]
     assert report["lung_ml"]["both"] > 1000  # threshold lung mask of a real chest CT
     seg = pydicom.dcmread(out / "seg-0001.dcm")
     sr = pydicom.dcmread(out / "sr-0001.dcm")
@@ -36,7 +41,7 @@ def test_infer_writes_valid_seg_sr_sc(tmp_path: Path, chest_ct_dir: Path) -> Non
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed")
-    for name in ("seg-0001.dcm", "sr-0001.dcm", "sc-0001.dcm"):
+    for name in ("seg-0001.dcm", "sr-0001.dcm", "sc-0001.dcm", "summary-0001.dcm", "pdf-0001.dcm"):
         check = subprocess.run(["dciodvfy", str(out / name)], capture_output=True, text=True)
         errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
         assert errors == [], name

@@ -124,10 +124,18 @@ def test_sr_tid1500_tree_in_dsrdump(tmp_path: Path, chest_result: InferenceResul
     assert "Comprehensive SR Document" in text
     assert '(126000,DCM,"Imaging Measurement Report")' in text
     assert '(126010,DCM,"Imaging Measurements")' in text
-    assert text.count('(125007,DCM,"Measurement Group")') == 2
+    # lung, infiltrate, six zones, both lungs
+    assert text.count('(125007,DCM,"Measurement Group")') == 9
     assert '(121007,DCM,"Device")' in text
-    assert text.count('(LN0001,99LUNGNODE,"Percent of lung involved")') == 3
-    assert text.count('(118565006,SCT,"Volume")') == 6
+    assert text.count('(LN0001,99LUNGNODE,"Percent of lung involved")') == 3 + 6 + 1
+    assert text.count('(118565006,SCT,"Volume")') == 6 + 6
+    for zone in ("Upper", "Middle", "Lower"):
+        assert text.count(f'(LNZ0{"UML".index(zone[0]) + 1},99LUNGNODE,"{zone} lung zone")') >= 2
+    assert text.count('(LN0006,99LUNGNODE,"CT severity score of region")') == 6
+    assert '(LN0007,99LUNGNODE,"Total CT severity score")' in text
+    assert '(LNS01,99LUNGNODE,"CT severity score, Pan et al. 2020")' in text
+    assert '(LN0020,99LUNGNODE,"Region assignment method")' in text
+    assert '(121073,DCM,"Impression")' in text and "severity score" in text
     assert '(mL,UCUM,"milliliter")' in text
     for side in ("Left", "Right", "Right and left"):
         assert '(121071,DCM,"Finding")' in text and f'"{side}")' in text
