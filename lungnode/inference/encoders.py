@@ -40,6 +40,15 @@ ENCODER_KINDS = ("r3d_18", "med3d_resnet10", "med3d_resnet18", "ct_resnet152")
 Stride = tuple[int, int, int]
 
 
+def _projection(inplanes: int, out: int, stride: int) -> nn.Sequential:
+    """The projection shortcut: 1x1x1 convolution (with the block's stride) + batch norm.
+
+    The state dict names (``downsample.0``, ``downsample.1``) are those of torchvision, MedicalNet
+    (shortcut B) and the CT ResNet-152 alike.
+    """
+    return nn.Sequential(nn.Conv3d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm3d(out))
+
+
 # ----------------------------------------------------------------------------------------------
 # torchvision R3D-18
 # ----------------------------------------------------------------------------------------------
@@ -59,9 +68,7 @@ class _VideoBasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv3d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm3d(planes)
-            )
+            self.downsample = _projection(inplanes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
@@ -138,9 +145,7 @@ class _Med3DBlock(nn.Module):
             if shortcut == "A":
                 self.shortcut_a = True
             else:
-                self.downsample = nn.Sequential(
-                    nn.Conv3d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm3d(planes)
-                )
+                self.downsample = _projection(inplanes, planes, stride)
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut_a:
@@ -238,9 +243,7 @@ class _Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(
-                nn.Conv3d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm3d(out)
-            )
+            self.downsample = _projection(inplanes, out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
