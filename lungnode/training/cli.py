@@ -182,6 +182,16 @@ def _cmd_prepare_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from lungnode.training.carry import pack_training_set
+    from lungnode.training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    pack_training_set(recipe, Path(args.encoder) if args.encoder else None,
+                      Path(args.real_root) if args.real_root else None)
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Add the training commands to an argparse subparsers object (each sets ``run(args)``)."""
     p = sub.add_parser("train", help="run a recipe (TOML file or shipped name: demo, reference, native)")
@@ -243,6 +253,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--wheels", default=None, help="folder with the downloaded astra-p1..p3 wheels")
     p.add_argument("--depth", type=int, default=2)
     p.set_defaults(run=_cmd_prepare_encoder)
+
+    p = sub.add_parser("pack", help="write a recipe's hosts, lesion bank and encoder for a GPU machine")
+    p.add_argument("recipe", help="a real-anatomy recipe naming its carry paths (e.g. ct-gpu)")
+    p.add_argument("--encoder", default=".cache/astra/ct_resnet152-depth2.safetensors",
+                   help="truncated encoder to copy to the recipe's train.pretrained")
+    p.add_argument("--real-root", default=None, help="folder of the host series (default ../shared/data/ct)")
+    p.set_defaults(run=_cmd_pack)
 
     p = sub.add_parser("pretrain", help="Med3D-style multi-head pretraining of the encoder on phantoms")
     p.add_argument("--out", required=True)

