@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/model_real.py --bundle lungnode/models/lungnode-ct.safetensors \\
+    python -m bench.model_real --bundle lungnode/models/lungnode-ct.safetensors \\
         --out docs/training/eval --painted 3
 
 For every evaluation patient of :data:`lungnode.training.realcases.HOSTS` (never used in training)
@@ -26,27 +26,23 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lungnode.config import QualityGateConfig  # noqa: E402
-from lungnode.inference.dicom_io import find_series_files, read_series  # noqa: E402
-from lungnode.inference.engine import InferenceEngine  # noqa: E402
-from lungnode.inference.lungmask import superior_sign, threshold_lungs  # noqa: E402
-from lungnode.inference.types import InferenceResult, SeriesVolume  # noqa: E402
-from lungnode.node.dispatch.quality import check_quality  # noqa: E402
-from lungnode.training.cases import default_lesion_bank  # noqa: E402
-from lungnode.training.metrics import dice_score, summarize, surface_dice  # noqa: E402
-from lungnode.training.montage import save_montage  # noqa: E402
-from lungnode.training.painting import paint_lesions  # noqa: E402
-from lungnode.training.realcases import HOSTS, Host, default_real_root  # noqa: E402
+from lungnode.config import QualityGateConfig
+from lungnode.inference.dicom_io import find_series_files, read_series
+from lungnode.inference.engine import InferenceEngine
+from lungnode.inference.lungmask import superior_sign, threshold_lungs
+from lungnode.inference.types import InferenceResult, SeriesVolume
+from lungnode.node.dispatch.quality import check_quality
+from lungnode.training.cases import default_lesion_bank
+from lungnode.training.metrics import dice_score, summarize, surface_dice
+from lungnode.training.montage import save_montage
+from lungnode.training.painting import paint_lesions
+from lungnode.training.realcases import HOSTS, Host, default_real_root
 
 
 def _ml(vol: SeriesVolume, mask: np.ndarray) -> float:
