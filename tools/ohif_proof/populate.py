@@ -82,7 +82,7 @@ def threshold_engine(config: Any) -> ThresholdEngine:
 
 
 #: The model bundle ``lungnode run`` uses by default.
-DEMO_MODEL = REPO / "lungnode" / "models" / "lungnode-ct.safetensors"
+BUNDLED_MODEL = REPO / "lungnode" / "models" / "lungnode-ct.safetensors"
 
 
 def populate_harness(orthanc: Orthanc, ct_dir: Path, workdir: Path, shift: int = 0) -> None:
@@ -116,7 +116,7 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
 
     ``engine``: ``model`` (the node's configured model), ``threshold`` (:class:`ThresholdEngine`
     through ``tests/launch.py --engine``: everything real except the segmentation), or ``auto`` (the model
-    when :data:`DEMO_MODEL` exists). ``destination``: extra keys of the ``[[destinations]]`` entry
+    when :data:`BUNDLED_MODEL` exists). ``destination``: extra keys of the ``[[destinations]]`` entry
     (e.g. ``{"omit_empty_frames": True}``). Returns (engine used, the node's log). Raises TimeoutError when
     the results do not arrive.
     """
@@ -124,11 +124,11 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
 
     n_ct = len(list(ct_dir.glob("*.dcm")))
     if engine == "auto":
-        engine = "model" if DEMO_MODEL.is_file() else "threshold"
+        engine = "model" if BUNDLED_MODEL.is_file() else "threshold"
     jobs: dict[str, Any] = {"local_workers": 1, "poll_s": 0.5}
     if engine == "threshold":
         log.warning("lungnode run with the threshold stand-in engine (model bundle %s %s)",
-                    DEMO_MODEL, "exists" if DEMO_MODEL.is_file() else "is missing")
+                    BUNDLED_MODEL, "exists" if BUNDLED_MODEL.is_file() else "is missing")
     overrides = {
         "completion": {"quiet_period_s": 5.0, "grace_s": 1.0},
         "jobs": jobs,
@@ -139,9 +139,7 @@ def populate_node(orthanc: Orthanc, ct_dir: Path, workdir: Path, engine: str = "
     }
     if engine == "threshold":  # the stand-in's masks are not meant to pass the gate's plausibility
         overrides["results"] = {"quality_gate": {"enabled": False}}
-    else:  # the phantom-trained demo model puts about 22 % of its infiltrate on this real CT just
-        # outside the lungs (mediastinum, hila), which the default gate (20 %) holds back
-        overrides["results"] = {"quality_gate": {"max_outside_fraction": 0.5}}
+    # the bundled model runs under the default quality gate (it passes on this real CT)
     hooks = ("--engine", "tools.ohif_proof.populate:threshold_engine") if engine == "threshold" else ()
     node = LungnodeProcess(workdir / "node", overrides, hooks=hooks)
     node.start()

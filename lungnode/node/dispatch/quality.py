@@ -2,8 +2,8 @@
 
 Checks (``[results.quality_gate]``): the lung mask is empty, smaller than ``lung_min_ml`` or larger
 than ``lung_max_ml``; more than ``max_outside_fraction`` of the predicted infiltrate lay outside
-the lungs (before it was clipped). A held job keeps its outputs; ``lungnode release JOB`` queues
-them for delivery.
+the lungs (before it was clipped), and at least ``outside_min_ml`` of it. A held job keeps its
+outputs; ``lungnode release JOB`` queues them for delivery.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def check_quality(m: Measurements, gate: QualityGateConfig) -> GateDecision:
         reasons.append(f"lung volume {lung:.0f} mL above the plausible maximum "
                        f"{gate.lung_max_ml:.0f} mL")
     predicted = m.both.infiltrate_ml + m.infiltrate_outside_lung_ml
-    if predicted > 0:
+    if predicted > 0 and m.infiltrate_outside_lung_ml >= gate.outside_min_ml:
         outside = m.infiltrate_outside_lung_ml / predicted
         if outside > gate.max_outside_fraction:
             reasons.append(f"{100 * outside:.0f} % of the predicted infiltrate lies outside the "

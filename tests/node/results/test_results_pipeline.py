@@ -181,4 +181,9 @@ def test_quality_gate_rules(chest_result: InferenceResult) -> None:
     outside = dataclasses.replace(m, infiltrate_outside_lung_ml=m.both.infiltrate_ml)
     decision = check_quality(outside, QualityGateConfig(max_outside_fraction=0.2))
     assert not decision.passed and "50 % of the predicted infiltrate" in decision.reason
+    # a normal chest: a few specks, a third of them outside (0.04 of 0.14 mL) is noise, not evidence
+    specks = dataclasses.replace(m, both=dataclasses.replace(m.both, infiltrate_ml=0.1),
+                                 infiltrate_outside_lung_ml=0.04)
+    assert check_quality(specks, QualityGateConfig()).passed
+    assert not check_quality(specks, QualityGateConfig(outside_min_ml=0.0)).passed
     assert check_quality(empty, QualityGateConfig(enabled=False)).passed
