@@ -181,8 +181,11 @@ def impression(report: SeverityReport, comparison: Comparison | None = None) -> 
     b = report.both
     score = f"severity score {report.total_score}/{report.max_score} " \
             f"({report.scheme.name.capitalize()} 2020, {report.region_kind})"
-    if b.infiltrate_ml <= 0 or b.po < 0.05:
-        text = f"No lung opacity found by the model (0 % of the lungs); {score}."
+    if b.infiltrate_ml <= 0:
+        text = f"No lung opacity found by the model; {score}."
+    elif b.po < 0.05:  # a trace still scores in its region: say so rather than "none"
+        text = (f"Only traces of lung opacity found by the model ({b.infiltrate_ml:.1f} mL, under "
+                f"0.05 % of the lungs); {score}.")
     else:
         worst = max(report.regions, key=lambda r: r.po)
         text = (f"{_laterality(report)} {_opacity_kind(report)} involving "

@@ -3,6 +3,7 @@ referenced, labelled, and the page shows what the report says."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,6 +92,12 @@ def test_impression_and_comparison_text(chest_result: InferenceResult) -> None:
     assert "Down from" in impression(report, Comparison.of(higher, "20261106"))
     none = Comparison.none("No comparison: the Patient ID is missing.")
     assert impression(report, none).endswith("No comparison: the Patient ID is missing.")
+    # a trace still scores in its region, so the text says "traces", not "none"
+    lung = report.both.lung_ml
+    trace = dataclasses.replace(report, both=dataclasses.replace(report.both, infiltrate_ml=lung * 1e-4))
+    assert impression(trace).startswith("Only traces of lung opacity found by the model (")
+    nothing = dataclasses.replace(report, both=dataclasses.replace(report.both, infiltrate_ml=0.0))
+    assert impression(nothing).startswith("No lung opacity found by the model;")
 
 
 def test_orthanc_stores_summary_and_pdf(tmp_path: Path, orthanc: OrthancServer,
