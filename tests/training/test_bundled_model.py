@@ -23,7 +23,7 @@ def test_bundle_file_and_metadata() -> None:
     assert not BUNDLE.with_name("lungnode-demo.safetensors").exists(), "the demo bundle is gone"
     assert BUNDLE.stat().st_size < 30 * 2**20
     _, meta = load_bundle(BUNDLE)
-    assert meta.name == "lungnode-ct" and meta.version == "0.2.0"
+    assert meta.name == "lungnode-ct" and meta.version == "0.3.0"
     assert meta.weights_dtype == "float16" and meta.model.encoder_depth < 4
     assert meta.classes == ("lung", "infiltrate") and meta.activation == "sigmoid"
     assert meta.training_data["source"] == "real"
