@@ -22,7 +22,8 @@ class QualityGateConfig:
     lung_min_ml: float = 200.0
     #: Largest plausible total lung volume in mL.
     lung_max_ml: float = 12000.0
-    #: Largest share of predicted infiltrate lying outside the lung mask (0-1).
+    #: Largest share of predicted infiltrate lying outside the lung mask (0-1); counted inside the
+    #: patient's body and above the lung base, where lung could have been missed.
     max_outside_fraction: float = 0.2
     #: Outside-lung infiltrate smaller than this (mL) never holds a result: on a normal chest the
     #: prediction is a few specks, and a share of specks (0.04 of 0.14 mL) is noise, not evidence.

@@ -316,16 +316,17 @@ class InferenceEngine:
         else:
             lung_labels = reference.labels
             lung_source = "threshold"
-        del reference
         times["lung_anatomy"] = time.perf_counter() - t
 
         t = time.perf_counter()
         per_slice_ml = (volume.slice_thickness_weights() * volume.spacing_mm[1]
                         * volume.spacing_mm[2] / 1000.0)
         # infiltrate predicted outside the lungs (the quality gate's evidence of a lung mask that
-        # missed diseased lung) is counted within the chest only: below the lung base there is no
-        # lung to miss (abdominal predictions of a whole-body scan are dropped, not counted)
-        outside = infiltrate & (lung_labels == 0)
+        # missed diseased lung) is counted where lung could be: inside the body (not in the air,
+        # the table or a foam cushion) and within the chest (below the lung base there is no lung
+        # to miss: abdominal predictions of a whole-body scan are dropped, not counted)
+        outside = infiltrate & (lung_labels == 0) & reference.body
+        del reference
         lung_base_cut(outside, lung_labels > 0, volume, opt.lung_mask.base_margin_mm)
         outside_ml = float(outside.sum(axis=(1, 2)) @ per_slice_ml)
         del outside

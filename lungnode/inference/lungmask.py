@@ -86,10 +86,14 @@ class ThresholdLungs:
         ``uint8`` lung labels (0 background, 1 right, 2 left).
     airway:
         ``bool`` trachea and main bronchi found in step 4.
+    body:
+        ``bool`` the patient's body (:func:`body_mask` on the work grid): what lies outside it
+        (air, the table, cushions and other positioning aids) can never be lung.
     """
 
     labels: npt.NDArray[np.uint8]
     airway: npt.NDArray[np.bool_]
+    body: npt.NDArray[np.bool_]
 
 
 def superior_sign(volume: SeriesVolume) -> float:
@@ -415,8 +419,10 @@ def threshold_lungs(
     labels_small = merged
     airway &= labels_small == 0
 
+    body = body_mask(small, step=1) | (labels_small > 0)
     return ThresholdLungs(labels=labels_to_source(labels_small, grid),
-                          airway=labels_to_source(airway.astype(np.uint8), grid).astype(bool))
+                          airway=labels_to_source(airway.astype(np.uint8), grid).astype(bool),
+                          body=labels_to_source(body.astype(np.uint8), grid).astype(bool))
 
 
 def lung_base_cut(

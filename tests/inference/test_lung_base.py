@@ -1,11 +1,13 @@
-"""The lung base rule: outside-lung infiltrate is counted (and lung kept) down to the lung base only."""
+"""Where outside-lung infiltrate counts: down to the lung base only, and inside the body only."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from lungnode.inference.lungmask import lung_base_cut, superior_sign
+from lungnode.inference.lungmask import lung_base_cut, superior_sign, threshold_lungs
 from tests.inference.test_lungmask import phantom
 
 
@@ -31,3 +33,16 @@ def test_no_reference_lungs_clears_nothing() -> None:
     mask = np.ones(vol.hu.shape, bool)
     assert lung_base_cut(mask, np.zeros_like(mask), vol) == 0
     assert mask.all()
+
+
+def test_body_excludes_air_table_and_cushions() -> None:
+    """A foam cushion (about -650 HU, like ground glass) under the patient is outside the body, so
+    infiltrate predicted in it is not counted as lung the mask missed."""
+    vol, truth = phantom()
+    hu = vol.hu.copy()
+    hu[:, 186:198, 60:140] = -650.0  # cushion below the body (rows grow posteriorly)
+    vol = dataclasses.replace(vol, hu=hu)
+    body = threshold_lungs(vol).body
+    assert body[:, 100, 100].all() and body[truth["right"]].mean() > 0.99
+    assert not body[:, 190:196, 70:130].any(), "the cushion is not body"
+    assert not body[:, 2, 2].any(), "outside air is not body"
