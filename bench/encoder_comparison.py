@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungnode.training.cases import Case, cached, default_lesion_bank, load_case, save_case
+from lungnode.training.cases import Case, default_lesion_bank
 from lungnode.training.metrics import dice_score
-from lungnode.training.realcases import HOSTS, default_real_root, host_cases, load_host
+from lungnode.training.realcases import default_real_root, held_out_cases
 from lungnode.training.recipe import Recipe, StageSpec, load_recipe
 from lungnode.training.sources import recipe_cases
 from lungnode.training.trainer import predict_case, train
@@ -57,26 +57,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "ct": {"model.encoder": "ct_resnet152", "model.encoder_depth": 2, "model.hu_min": -1000.0,
            "model.hu_max": 1000.0, "train.pretrained": CT_WEIGHTS, "train.pretrained_kind": "ct"},
 }
-
-
-def eval_cases(recipe: Recipe, n_painted: int, cache_dir: Path) -> list[Case]:
-    """Held-out patients, unmodified and painted with held-out lesion shapes, on the model grid."""
-    _, held = default_lesion_bank(recipe.data.lesion_bank).split(recipe.data.held_out_fraction)
-    out: list[Case] = []
-    for i, h in enumerate(x for x in HOSTS if x.split == "eval" and x.folder.startswith("real-chest")):
-        key = f"eval|{h.folder}|{recipe.data.spacing_mm}|{n_painted}|{recipe.data.held_out_fraction}|v2"
-        index = cached(cache_dir, key)
-        assert index is not None
-        files = [index.with_name(f"{index.stem}-{j}.npz") for j in range(1 + n_painted)]
-        if all(f.is_file() for f in files):
-            out += [load_case(f) for f in files]
-            continue
-        host = load_host(default_real_root() / h.folder, tuple(recipe.data.spacing_mm))  # type: ignore[arg-type]
-        cases = host_cases(host, n_painted, held, 900_000 + 1000 * i, "real-eval")
-        for c, f in zip(cases, files, strict=True):
-            save_case(c, f)
-        out += cases
-    return out
 
 
 def score(model_dir: Path, recipe: Recipe, cases: list[Case]) -> dict[str, Any]:
@@ -126,7 +106,9 @@ def main() -> int:
                               "train.val_every": 2, "train.val_overlap": 0.0}
     base = load_recipe(RECIPE, common)
     train_cases, val_cases = recipe_cases(base)
-    tests = eval_cases(base, args.eval_painted, Path(".cache/cases"))
+    d = base.data
+    tests = held_out_cases(default_real_root(), tuple(d.spacing_mm), default_lesion_bank(d.lesion_bank),  # type: ignore[arg-type]
+                           d.held_out_fraction, args.eval_painted, Path(".cache/cases"))
     table: dict[str, Any] = {}  # arms run by earlier invocations into the same folder are kept
     if (out / "comparison.json").is_file():
         table = json.loads((out / "comparison.json").read_text())

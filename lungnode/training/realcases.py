@@ -33,8 +33,8 @@ from lungnode.training.cases import Case, cached, load_case, save_case
 from lungnode.training.lesions import LesionBank
 from lungnode.training.painting import PaintOptions, paint_lesions
 
-__all__ = ["HOSTS", "Host", "HostVolume", "cached_host", "default_real_root", "host_cache_path",
-           "host_cases", "load_host", "load_host_file", "real_cases", "save_host"]
+__all__ = ["HOSTS", "Host", "HostVolume", "cached_host", "default_real_root", "held_out_cases",
+           "host_cache_path", "host_cases", "load_host", "load_host_file", "real_cases", "save_host"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,45 @@ def host_cases(host: HostVolume, n_painted: int, bank: LesionBank, seed: int, da
     return out
 
 
+def _cached_cases(cache_dir: Path | None, key: str, n: int,
+                  build: Callable[[], list[Case] | None]) -> list[Case] | None:
+    """The ``n`` cases cached under ``key``, or ``build()`` them and cache them (``None``: no host)."""
+    index = cached(cache_dir, key)
+    files = [index.with_name(f"{index.stem}-{i}.npz") for i in range(n)] if index else []
+    if files and all(f.is_file() for f in files):
+        return [load_case(f) for f in files]
+    cases = build()
+    for c, f in zip(cases or [], files, strict=False):
+        save_case(c, f)
+    return cases
+
+
+def held_out_cases(root: Path, spacing_mm: tuple[float, float, float], bank: LesionBank,
+                   held_out_fraction: float, n_painted: int, cache_dir: Path | None) -> list[Case]:
+    """The held-out patients' real-chest hosts on the model grid, unmodified and painted (cached).
+
+    Each evaluation host once unmodified and ``n_painted`` times with lesion shapes of the held-out
+    MosMed studies (seeds ``900000 + 1000 * i``). Hosts that are missing are skipped.
+
+    Returns
+    -------
+    list of Case
+    """
+    _, held_bank = bank.split(held_out_fraction)
+    out: list[Case] = []
+    hosts = [x for x in HOSTS if x.split == "eval" and x.folder.startswith("real-chest")]
+    for i, h in enumerate(hosts):
+        key = f"eval|{h.folder}|{spacing_mm}|{n_painted}|{held_out_fraction}|v2"
+
+        def build(h: Host = h, i: int = i) -> list[Case] | None:
+            host = cached_host(root, h, spacing_mm, cache_dir)
+            return None if host is None else host_cases(host, n_painted, held_bank, 900_000 + 1000 * i,
+                                                         "real-eval")
+
+        out += _cached_cases(cache_dir, key, 1 + n_painted, build) or []
+    return out
+
+
 def real_cases(
     root: Path, spacing_mm: tuple[float, float, float], bank: LesionBank, held_out_fraction: float,
     painted_per_host: int, val_per_host: int, cache_dir: Path | None,
@@ -260,22 +299,22 @@ def real_cases(
     val: list[Case] = []
     for hi, h in enumerate(x for x in HOSTS if x.split == "train"):
         key = f"real|{h.folder}|{spacing_mm}|{painted_per_host}|{val_per_host}|{held_out_fraction}|v2"
-        index = cached(cache_dir, key)
-        n_all = 1 + painted_per_host + (val_per_host if hi < 2 else 0)
-        files = [index.with_name(f"{index.stem}-{i}.npz") for i in range(n_all)] if index else []
-        if files and all(f.is_file() for f in files):
-            cases = [load_case(f) for f in files]
-        else:
+
+        def build(h: Host = h, hi: int = hi) -> list[Case] | None:
             host = cached_host(root, h, spacing_mm, cache_dir)
             if host is None:
-                log(f"host {root / h.folder} missing (and not cached): skipped")
-                continue
+                return None
             cases = host_cases(host, painted_per_host, train_bank, 1000 * hi, "real-train")
             if hi < 2:
                 cases += host_cases(host, val_per_host, held_bank, 500_000 + 1000 * hi, "real-val",
                                     include_unmodified=False)
-            for c, f in zip(cases, files, strict=False):
-                save_case(c, f)
+            return cases
+
+        n_all = 1 + painted_per_host + (val_per_host if hi < 2 else 0)
+        cases = _cached_cases(cache_dir, key, n_all, build)
+        if cases is None:
+            log(f"host {root / h.folder} missing (and not cached): skipped")
+            continue
         n_train = 1 + painted_per_host
         train += cases[:n_train]
         val += cases[n_train:]
